@@ -1,0 +1,3 @@
+from teg_gateway.cli import main
+
+raise SystemExit(main())

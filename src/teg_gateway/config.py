@@ -1,0 +1,325 @@
+"""One typed settings object built from defaults, a TOML file, the environment and flags.
+
+Precedence: flag > environment > file > default. Every setting lives in a section
+dataclass; its metadata names the environment variable (if any) and says what it
+is for, so the README's table and the validation come from one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names it and says why."""
+
+
+def setting(default: Any, doc: str, env: str | None = None, check: str | None = None) -> Any:
+    """Declare one setting: its default, a one-line description, its environment variable
+    and an optional check (``port``, ``positive``, ``non_negative``, ``level``)."""
+    return field(default=default, metadata={"doc": doc, "env": env, "check": check})
+
+
+def list_setting(default: list[str], doc: str) -> Any:
+    return field(default_factory=lambda: list(default), metadata={"doc": doc, "env": None,
+                                                                  "check": None})
+
+
+@dataclass
+class ThingsBoardSettings:
+    host: str = setting("", "ThingsBoard MQTT host", env="TB_HOST")
+    port: int = setting(8883, "ThingsBoard MQTT port (TLS)", env="TB_PORT", check="port")
+    device_name: str = setting(
+        "", "device name used for provisioning (default: host name, else teg-NNNNNNN)",
+        env="THINGSBOARD_DEVICE_NAME")
+    provision_device_key: str = setting(
+        "", "provisioning key of the device profile", env="THINGSBOARD_PROVISION_DEVICE_KEY")
+    provision_device_secret: str = setting(
+        "", "provisioning secret of the device profile",
+        env="THINGSBOARD_PROVISION_DEVICE_SECRET")
+    ca_cert: str = setting("", "CA bundle that verifies the server (default: system store)",
+                           env="THINGSBOARD_CA_CERT")
+    access_token_file: str = setting(
+        "", "path of the file holding the device credentials (default <data>/tb_access_token)",
+        env="THINGSBOARD_ACCESS_TOKEN")
+    tls: bool = setting(True, "TLS with server verification; false = plain MQTT, for local "
+                              "tests only (logged loudly)")
+    keepalive_s: int = setting(60, "MQTT keepalive in seconds", check="positive")
+    reconnect_min_s: float = setting(1.0, "first reconnect delay", check="positive")
+    reconnect_max_s: float = setting(60.0, "reconnect delay cap", check="positive")
+    provision_timeout_s: float = setting(10.0, "wait for a provisioning answer before retrying",
+                                         check="positive")
+
+
+@dataclass
+class PathSettings:
+    data: str = setting("", "gateway data directory (databases, state); required",
+                        env="TEG_DATA_PATH")
+    controller_data: str = setting("", "controller data directory (its queue db); "
+                                       "default: the data directory",
+                                   env="TEG_CONTROLLER_DATA_PATH")
+    controller_logs: str = setting("", "controller logs (default <controller data>/logs)",
+                                   env="TEG_CONTROLLER_LOGS_PATH")
+    controller_git: str = setting("", "controller git repository (docker runtime)",
+                                  env="TEG_CONTROLLER_GIT_PATH")
+    controller_dockercontext: str = setting("", "docker build context (default <git>/docker)",
+                                            env="TEG_CONTROLLER_DOCKERCONTEXT_PATH")
+    controller_dockerfile: str = setting("./Dockerfile", "Dockerfile inside the build context",
+                                         env="TEG_CONTROLLER_DOCKERFILE_PATH")
+
+
+@dataclass
+class OutboxSettings:
+    max_payload_bytes: int = setting(49152, "largest telemetry publish in bytes (ThingsBoard "
+                                            "closes the connection above 65536)",
+                                     check="payload")
+    max_inflight: int = setting(8, "publishes awaiting PUBACK at once", check="positive")
+    puback_timeout_s: float = setting(30.0, "a publish without PUBACK after this long is "
+                                            "treated as lost: reconnect and send again",
+                                      check="positive")
+    quota_mb: float = setting(512.0, "disk quota of the outbox; when full the oldest telemetry "
+                                     "is dropped (it stays in the archive)", check="positive")
+
+
+@dataclass
+class QueueSettings:
+    poll_interval_ms: int = setting(20, "how often the controller queue is checked",
+                                    check="positive")
+    batch_size: int = setting(5000, "rows moved per transaction", check="positive")
+
+
+@dataclass
+class ArchiveSettings:
+    retention_days: float = setting(30.0, "records older than this are removed",
+                                    check="positive")
+    max_mb: float = setting(1024.0, "size cap; the oldest records are removed above it",
+                            check="positive")
+
+
+@dataclass
+class LoggingSettings:
+    level: str = setting("INFO", "log level on stdout", env="LOG_LEVEL", check="level")
+    cloud_level: str = setting("WARNING", "records at or above this level also go to "
+                                          "ThingsBoard as telemetry", check="level")
+    cloud_per_minute: int = setting(60, "at most this many log records a minute go to "
+                                        "ThingsBoard", check="positive")
+    cloud_burst: int = setting(20, "short bursts allowed above the per-minute rate",
+                               check="positive")
+
+
+@dataclass
+class HealthSettings:
+    interval_s: float = setting(20.0, "health telemetry period", check="positive")
+
+
+@dataclass
+class ShutdownSettings:
+    timeout_s: float = setting(20.0, "graceful shutdown deadline; past it SIGALRM forces the "
+                                     "exit (non-zero)", check="positive")
+    drain_s: float = setting(10.0, "how long in-flight publishes may take to be acknowledged "
+                                   "during shutdown", check="non_negative")
+
+
+@dataclass
+class Settings:
+    thingsboard: ThingsBoardSettings = field(default_factory=ThingsBoardSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+    outbox: OutboxSettings = field(default_factory=OutboxSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
+
+    # Derived paths, resolved once by `load_settings`.
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.paths.data)
+
+    @property
+    def controller_data_dir(self) -> Path:
+        return Path(self.paths.controller_data or self.paths.data)
+
+    @property
+    def controller_logs_dir(self) -> Path:
+        return Path(self.paths.controller_logs or self.controller_data_dir / "logs")
+
+    @property
+    def access_token_path(self) -> Path:
+        return Path(self.thingsboard.access_token_file or self.data_dir / "tb_access_token")
+
+    @property
+    def log_level(self) -> int:
+        return level_number(self.logging.level)
+
+
+def level_number(name: str) -> int:
+    """Numeric level of a level name (WARN is accepted for WARNING)."""
+    name = name.upper()
+    return logging.WARNING if name == "WARN" else int(logging.getLevelName(name))
+
+
+def sections() -> list[tuple[str, type]]:
+    """(section name, section dataclass) in declaration order."""
+    hints = typing.get_type_hints(Settings)
+    return [(f.name, hints[f.name]) for f in dataclasses.fields(Settings)]
+
+
+def section_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    """(field, resolved type) of one section."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _describe(section: str, name: str, meta: Mapping[str, Any]) -> str:
+    env = meta.get("env")
+    return f"{section}.{name}" + (f" ({env})" if env else "")
+
+
+def _convert(value: Any, kind: Any, where: str, from_text: bool) -> Any:
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if from_text and str(value).strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"setting {where}: must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"setting {where}: must be a whole number, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if from_text:
+            try:
+                return int(str(value).strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"setting {where}: must be a whole number, got {value!r}")
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if from_text:
+            try:
+                return float(str(value).strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"setting {where}: must be a number, got {value!r}")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"setting {where}: must be a string, got {value!r}")
+    if origin is list:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"setting {where}: must be a list of strings, got {value!r}")
+    if origin in (types.UnionType, typing.Union):
+        raise ConfigError(f"setting {where}: unsupported type")  # pragma: no cover
+    raise ConfigError(f"setting {where}: unsupported type {kind!r}")  # pragma: no cover
+
+
+def _check(value: Any, check: str | None, where: str) -> None:
+    if check == "port" and not 1 <= value <= 65535:
+        raise ConfigError(f"setting {where}: must be a port from 1 to 65535, got {value}")
+    if check == "positive" and not value > 0:
+        raise ConfigError(f"setting {where}: must be greater than 0, got {value}")
+    if check == "non_negative" and value < 0:
+        raise ConfigError(f"setting {where}: must not be negative, got {value}")
+    if check == "payload" and not 1024 <= value <= 65536:
+        raise ConfigError(f"setting {where}: must be from 1024 to 65536 bytes, got {value}")
+    if check == "level" and value.upper() not in LOG_LEVELS:
+        raise ConfigError(f"setting {where}: must be one of DEBUG, INFO, WARN, ERROR, "
+                          f"got {value!r}")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse the TOML file; a missing or malformed file is a ConfigError."""
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+
+
+def load_settings(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    require_data: bool = True,
+) -> Settings:
+    """Build and validate the settings.
+
+    ``flags`` maps ``"section.name"`` to a value given on the command line.
+    """
+    env = env or {}
+    flags = flags or {}
+    file_values = read_config_file(config_file) if config_file else {}
+    known_sections = dict(sections())
+    for name, value in file_values.items():
+        if name not in known_sections:
+            raise ConfigError(f"config file: unknown section [{name}]")
+        if not isinstance(value, dict):
+            raise ConfigError(f"config file: [{name}] must be a table")
+    settings = Settings()
+    for section_name, cls in known_sections.items():
+        section = getattr(settings, section_name)
+        table = file_values.get(section_name, {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"config file: unknown setting {section_name}.{key}")
+        for fld, kind in section_fields(cls):
+            where = _describe(section_name, fld.name, fld.metadata)
+            value = getattr(section, fld.name)
+            if fld.name in table:
+                value = _convert(table[fld.name], kind, f"{section_name}.{fld.name}", False)
+            env_name = fld.metadata.get("env")
+            if env_name and env.get(env_name, "") != "":
+                value = _convert(env[env_name], kind, where, True)
+            flag_key = f"{section_name}.{fld.name}"
+            if flags.get(flag_key) is not None:
+                value = _convert(flags[flag_key], kind, where, True)
+            _check(value, fld.metadata.get("check"), where)
+            setattr(section, fld.name, value)
+    _check_whole(settings, require_data)
+    return settings
+
+
+def _check_whole(settings: Settings, require_data: bool) -> None:
+    tb = settings.thingsboard
+    if tb.reconnect_max_s < tb.reconnect_min_s:
+        raise ConfigError("setting thingsboard.reconnect_max_s: must not be below "
+                          "thingsboard.reconnect_min_s")
+    if require_data and not settings.paths.data:
+        raise ConfigError("setting paths.data (TEG_DATA_PATH): required: the directory where "
+                          "the gateway keeps its databases")
+    if tb.ca_cert and not Path(tb.ca_cert).is_file():
+        raise ConfigError(f"setting thingsboard.ca_cert (THINGSBOARD_CA_CERT): no such file: "
+                          f"{tb.ca_cert}")
+
+
+def settings_table() -> list[tuple[str, str, str, str]]:
+    """(TOML name, environment variable, default, description) of every setting."""
+    rows = []
+    for section_name, cls in sections():
+        for fld, _kind in section_fields(cls):
+            default = fld.default if fld.default is not dataclasses.MISSING else (
+                fld.default_factory() if fld.default_factory is not dataclasses.MISSING else "")
+            rows.append((f"{section_name}.{fld.name}", fld.metadata.get("env") or "",
+                         repr(default) if default != "" else "", fld.metadata["doc"]))
+    return rows

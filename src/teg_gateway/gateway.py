@@ -1,0 +1,403 @@
+"""Wires the parts together and runs the main loop.
+
+One asyncio event loop does all the work: the controller queue intake, forwarding,
+health telemetry, maintenance, and the answers to ThingsBoard. paho's network thread
+only moves bytes and hands events to this loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from types import FrameType
+from typing import Any
+
+from teg_gateway import __version__
+from teg_gateway.cloud import session as topics
+from teg_gateway.cloud.forwarder import Forwarder
+from teg_gateway.cloud.provision import device_name, ensure_credentials
+from teg_gateway.cloud.session import CloudSession
+from teg_gateway.config import Settings, level_number
+from teg_gateway.controller.queue import QueueIntake
+from teg_gateway.logs import CloudLogHandler
+from teg_gateway.operations.rpc import RpcDispatcher
+from teg_gateway.store.db import is_corruption, is_disk_full
+from teg_gateway.store.outbox import TELEMETRY, now_ms
+from teg_gateway.store.state import cloud_state
+from teg_gateway.store.stores import Stores
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FORCED = 3
+MAINTENANCE_PERIOD_S = 60.0
+LAG_PERIOD_S = 0.25
+LOG_FLUSH_PERIOD_S = 0.2
+ERROR_REPEAT_S = 60.0
+
+
+class LagMonitor:
+    """Measures how late the event loop wakes up: a busy or blocked loop shows here."""
+
+    def __init__(self) -> None:
+        self.max_lag_ms = 0.0
+
+    async def run(self) -> None:
+        while True:
+            start = time.monotonic()
+            await asyncio.sleep(LAG_PERIOD_S)
+            lag = (time.monotonic() - start - LAG_PERIOD_S) * 1000
+            self.max_lag_ms = max(self.max_lag_ms, lag)
+
+    def take(self) -> float:
+        value, self.max_lag_ms = self.max_lag_ms, 0.0
+        return value
+
+
+class Gateway:
+    """The daemon: build with settings, then ``await run()``; returns the exit code."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started_ms = now_ms()
+        self.stores = Stores(settings.data_dir, settings.outbox.max_payload_bytes)
+        self.intake = QueueIntake(settings.controller_data_dir, settings.queue.batch_size)
+        self.lag = LagMonitor()
+        self.cloud_logs = CloudLogHandler(level_number(settings.logging.cloud_level),
+                                          settings.logging.cloud_per_minute,
+                                          settings.logging.cloud_burst)
+        self.shared_attributes: dict[str, Any] = {}
+        self.attribute_listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.session: CloudSession | None = None
+        self.forwarder: Forwarder | None = None
+        self.rpc: RpcDispatcher | None = None
+        self.controller_started_ms: Callable[[], int | None] = lambda: None
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._intake_task: asyncio.Task[Any] | None = None
+        self._session_task: asyncio.Task[Any] | None = None
+        self._last_reported: dict[str, float] = {}
+        self.records_in = 0
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        logging.getLogger().addHandler(self.cloud_logs)
+        self._install_signals()
+        try:
+            if not settings.thingsboard.tls:
+                log.warning("TLS IS OFF: talking plain MQTT to %s:%d. Use this only for local "
+                            "tests; credentials and data travel unencrypted.",
+                            settings.thingsboard.host, settings.thingsboard.port)
+            self.stores.open()
+            for problem in self.stores.problems:
+                self.stores.outbox.put_telemetry({"gateway_problem": problem})
+            provisioning = asyncio.ensure_future(ensure_credentials(settings))
+            stop_wait = asyncio.ensure_future(self._stopping.wait())
+            # Intake runs while provisioning waits for an answer: nothing queues up in the
+            # controller's database meanwhile.
+            self._intake_task = self._start(self._intake_loop())
+            self._start(self._log_flush_loop())
+            self._start(self.lag.run())
+            await asyncio.wait({provisioning, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if self._stopping.is_set():
+                provisioning.cancel()
+                await self._shutdown()
+                return EXIT_OK
+            stop_wait.cancel()
+            _created, creds = provisioning.result()
+            self._connect_cloud(creds)
+            self._start(self._health_loop())
+            self._start(self._maintenance_loop())
+            await self._stopping.wait()
+            await self._shutdown()
+            return EXIT_OK
+        finally:
+            logging.getLogger().removeHandler(self.cloud_logs)
+
+    def _connect_cloud(self, creds: Any) -> None:
+        client_id = device_name(self.settings.thingsboard.device_name)
+        self.session = CloudSession(self.settings, creds, client_id, self._on_cloud_message,
+                                    cloud_state(self.settings.data_dir))
+        self.session.on_connect.append(self._publish_sys_info)
+        self.forwarder = Forwarder(self.stores.outbox, self.session,
+                                   self.settings.outbox.max_inflight,
+                                   self.settings.outbox.puback_timeout_s, self._on_db_error)
+        self.rpc = RpcDispatcher(self._send_rpc_reply)
+        self.rpc.register("ping", "answers pong", self._rpc_ping)
+        self._session_task = self._start(self.session.run())
+        self._start(self.forwarder.run())
+
+    def _start(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(self._task_ended)
+        self._tasks.append(task)
+        return task
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or self._stopping.is_set():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.critical("a main loop task failed: %r; shutting down so the service manager "
+                         "restarts the gateway", exc, exc_info=exc)
+            self.request_stop()
+
+    def request_stop(self) -> None:
+        if self._stopping.is_set():
+            log.error("second stop request: forcing the exit")
+            os._exit(EXIT_FORCED)
+        log.info("stop requested; shutting down")
+        self._arm_forced_exit()
+        self._stopping.set()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+
+    def _arm_forced_exit(self) -> None:
+        timeout = self.settings.shutdown.timeout_s
+
+        def forced(_sig: int, _frame: FrameType | None) -> None:
+            log.critical("graceful shutdown took longer than %.0f s: forcing the exit", timeout)
+            logging.shutdown()
+            os._exit(EXIT_FORCED)
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGALRM, forced)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+        # Should the main thread be stuck where Python signal handlers cannot run.
+        backstop = threading.Timer(timeout + 5.0, os._exit, (EXIT_FORCED,))
+        backstop.daemon = True
+        backstop.start()
+
+    async def _shutdown(self) -> None:
+        shutdown = self.settings.shutdown
+        if self._intake_task is not None:
+            self._intake_task.cancel()
+        if self.forwarder is not None:
+            if await self.forwarder.drain(shutdown.drain_s):
+                log.info("shutdown: every publish in flight was acknowledged")
+            else:
+                log.warning("shutdown: %d publish(es) not acknowledged in %.0f s; their records "
+                            "stay in the outbox and are sent after the restart",
+                            self.forwarder.inflight, shutdown.drain_s)
+        if self.session is not None:
+            await self.session.stop()
+        if self._session_task is not None:
+            await asyncio.wait({self._session_task}, timeout=10.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(sqlite3.Error):
+            self._flush_cloud_logs()
+        self.stores.close()
+        log.info("shutdown complete")
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    # -- intake ---------------------------------------------------------------------------
+
+    async def _intake_loop(self) -> None:
+        poll = self.settings.queue.poll_interval_ms / 1000.0
+        quota = int(self.settings.outbox.quota_mb * 1024 * 1024)
+        while True:
+            try:
+                conn = self.stores.conn
+                if self.intake.has_rows(conn):
+                    result = self.intake.move_batch(conn)
+                    self.records_in += result.forwarded
+                    if result.forwarded and self.forwarder is not None:
+                        self.forwarder.poke()
+                    dropped = self.stores.outbox.enforce_quota(quota)
+                    if dropped:
+                        self._report_every("quota", logging.WARNING,
+                                           f"outbox over its quota of "
+                                           f"{self.settings.outbox.quota_mb:g} MB: dropped the "
+                                           f"{dropped} oldest telemetry records (they stay in "
+                                           "the archive)")
+                    if result.taken >= self.intake.batch_size:
+                        await asyncio.sleep(0)
+                        continue
+            except sqlite3.Error as exc:
+                self._on_db_error(exc, "controller queue intake")
+                await asyncio.sleep(1.0)
+            await asyncio.sleep(poll)
+
+    def _on_db_error(self, exc: BaseException, where: str = "outbox") -> None:
+        if is_disk_full(exc):
+            self._report_every("disk-full", logging.ERROR,
+                               f"{where}: the disk is full; records wait in the controller "
+                               "queue until there is space")
+            return
+        self._report_every(f"db-{where}", logging.ERROR, f"{where}: database error: {exc}")
+        if is_corruption(exc):
+            try:
+                self.stores.recover(exc)
+            except sqlite3.Error as again:
+                self._report_every("db-recover", logging.ERROR,
+                                   f"could not reopen the databases: {again}")
+                return
+            if self.forwarder is not None:
+                self.forwarder.outbox = self.stores.outbox
+
+    def _report_every(self, key: str, level: int, text: str) -> None:
+        """Log ``text``, but the same kind of problem at most once a minute."""
+        now = time.monotonic()
+        if now - self._last_reported.get(key, -ERROR_REPEAT_S) >= ERROR_REPEAT_S:
+            self._last_reported[key] = now
+            log.log(level, "%s", text)
+
+    # -- periodic work --------------------------------------------------------------------
+
+    async def _log_flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LOG_FLUSH_PERIOD_S)
+            try:
+                self._flush_cloud_logs()
+            except sqlite3.Error as exc:
+                self._on_db_error(exc, "gateway log")
+
+    def _flush_cloud_logs(self) -> None:
+        bodies = self.cloud_logs.take()
+        if bodies:
+            self.stores.outbox.put(TELEMETRY, bodies)
+            if self.forwarder is not None:
+                self.forwarder.poke()
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health.interval_s)
+            try:
+                self.stores.outbox.put_telemetry(self.health_values())
+                if self.forwarder is not None:
+                    self.forwarder.poke()
+            except sqlite3.Error as exc:
+                self._on_db_error(exc, "health telemetry")
+
+    def health_values(self) -> dict[str, Any]:
+        """The gateway's health telemetry (see the README for each key)."""
+        outbox = self.stores.outbox
+        now = now_ms()
+        values: dict[str, Any] = {
+            "gateway_uptime_ms": now - self.started_ms,
+            "outbox_depth": outbox.depth(),
+            "outbox_oldest_age_ms": outbox.oldest_age_ms() or 0,
+            "outbox_bytes": outbox.used_bytes(),
+            "archive_bytes": self.stores.archive.used_bytes(),
+            "records_accepted": outbox.counter("records_accepted"),
+            "records_sent": outbox.counter("records_sent"),
+            "records_dropped": outbox.counter("records_dropped"),
+            "dead_letters": outbox.counter("dead_letters"),
+            "reconnects": self.session.reconnects if self.session else 0,
+            "loop_lag_ms": round(self.lag.take(), 1),
+            "logs_suppressed": self.cloud_logs.suppressed,
+        }
+        started = self.controller_started_ms()
+        if started is not None:
+            values["ms_since_controller_startup"] = now - started
+        try:
+            last_check = self.intake.last_health_check_ms(self.stores.conn)
+        except sqlite3.Error:
+            last_check = 0
+        if last_check:
+            values["ms_since_last_controller_health_check"] = now - last_check
+        return values
+
+    async def _maintenance_loop(self) -> None:
+        archive = self.settings.archive
+        while True:
+            try:
+                removed = self.stores.archive.enforce_retention(
+                    archive.retention_days, int(archive.max_mb * 1024 * 1024))
+                if removed:
+                    log.info("archive retention removed %d records", removed)
+            except sqlite3.Error as exc:
+                self._on_db_error(exc, "archive")
+            await asyncio.sleep(MAINTENANCE_PERIOD_S)
+
+    # -- ThingsBoard messages -------------------------------------------------------------
+
+    def _on_cloud_message(self, topic: str, payload: bytes) -> None:
+        if topic.startswith(topics.RPC_REQUEST):
+            if self.rpc is not None:
+                self.rpc.handle(topic[len(topics.RPC_REQUEST):], payload)
+        elif topic == topics.ATTRIBUTES:
+            self._on_attributes(payload, "update")
+        elif topic.startswith(topics.ATTRIBUTE_RESPONSE):
+            self._on_attributes(payload, "response")
+        else:
+            log.debug("message on %s ignored", topic)
+
+    def _on_attributes(self, payload: bytes, kind: str) -> None:
+        try:
+            value = json.loads(payload)
+        except ValueError:
+            log.warning("attribute %s is not JSON: %.200r", kind, payload)
+            return
+        if not isinstance(value, dict):
+            log.warning("attribute %s is not a JSON object: %.200r", kind, payload)
+            return
+        if kind == "response":
+            shared = value.get("shared", {})
+            changes = shared if isinstance(shared, dict) else {}
+        elif "deleted" in value and isinstance(value["deleted"], list):
+            changes = {str(k): None for k in value["deleted"]}
+        else:
+            changes = value
+        for key, item in changes.items():
+            if item is None:
+                self.shared_attributes.pop(key, None)
+            else:
+                self.shared_attributes[key] = item
+        log.debug("shared attributes %s: %s", kind, sorted(changes))
+        for listener in self.attribute_listeners:
+            try:
+                listener(changes)
+            except Exception:
+                log.exception("attribute handler failed")
+
+    def _send_rpc_reply(self, request_id: str, reply: dict[str, Any]) -> None:
+        # Replies go straight to the session: ThingsBoard forgets an RPC after ~10 s, so a
+        # reply kept for a later connection would answer nobody.
+        if self.session is None:
+            return
+        fut = self.session.publish(topics.RPC_RESPONSE + request_id,
+                                   json.dumps(reply, default=str))
+
+        def delivered(f: asyncio.Future[None]) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.warning("RPC reply %s not delivered: %s", request_id, f.exception())
+
+        fut.add_done_callback(delivered)
+
+    async def _rpc_ping(self, _params: dict[str, Any]) -> Any:
+        return "pong"
+
+    def _publish_sys_info(self) -> None:
+        info = {
+            "gateway_version": __version__,
+            "hostname": socket.gethostname(),
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "sqlite": sqlite3.sqlite_version,
+            "started_ms": self.started_ms,
+        }
+        try:
+            self.stores.outbox.put_attributes({"sys_info": info})
+        except sqlite3.Error as exc:
+            self._on_db_error(exc, "sys_info")

@@ -1,0 +1,81 @@
+"""Logging: stdout for the operator, and a rate-limited copy to ThingsBoard via the outbox."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import deque
+
+from teg_gateway.store.outbox import telemetry_body
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+PREFIX = "GATEWAY - "
+MAX_MESSAGE_CHARS = 4000
+
+
+def setup_stdout(level: int) -> None:
+    """Log to stdout at ``level`` (the gateway's own loggers; paho stays at WARNING)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "teg_stdout", False):
+            root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.teg_stdout = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("paho").setLevel(max(level, logging.WARNING))
+
+
+class CloudLogHandler(logging.Handler):
+    """Keeps log records bound for ThingsBoard until the main loop moves them to the outbox.
+
+    A token bucket (``per_minute`` with bursts of ``burst``) limits what goes out; what is
+    held back is counted and reported in one summary record, so a log storm costs a few
+    rows, not millions. Safe to call from any thread.
+    """
+
+    def __init__(self, level: int, per_minute: int, burst: int) -> None:
+        super().__init__(level)
+        self.rate = per_minute / 60.0
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._pending: deque[str] = deque(maxlen=max(burst, 100))
+        self.suppressed = 0
+        self._suppressed_unreported = 0
+        self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens < 1.0:
+                self.suppressed += 1
+                self._suppressed_unreported += 1
+                return
+            self._tokens -= 1.0
+            text = self.format(record)
+            if len(text) > MAX_MESSAGE_CHARS:
+                text = text[:MAX_MESSAGE_CHARS] + "…"
+            self._pending.append(telemetry_body(
+                {"severity": record.levelname, "message": PREFIX + text},
+                int(record.created * 1000)))
+        except Exception:
+            self.handleError(record)
+
+    def take(self) -> list[str]:
+        """Telemetry bodies waiting for the outbox (and a summary of suppressed records)."""
+        bodies = []
+        while self._pending:
+            bodies.append(self._pending.popleft())
+        if self._suppressed_unreported and self._tokens >= 1.0:
+            self._tokens -= 1.0
+            bodies.append(telemetry_body({
+                "severity": "WARNING",
+                "message": f"{PREFIX}{self._suppressed_unreported} log records were not sent "
+                           "(rate limit); see the gateway's own log"}))
+            self._suppressed_unreported = 0
+        return bodies

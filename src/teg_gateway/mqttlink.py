@@ -1,0 +1,230 @@
+"""One MQTT connection (a paho-mqtt client) bridged into the asyncio event loop.
+
+paho runs the socket in its own thread (``loop_start``); every callback is handed to the
+event loop with ``call_soon_threadsafe``, so all gateway logic stays on one thread. A
+connection object lives for one network connection only: paho's own reconnect is off,
+and the owner makes a new one (with its own backoff) after a loss. Unacknowledged
+publishes are therefore never resent by paho behind the outbox's back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class ConnectionLost(Exception):
+    """The connection closed before the operation completed."""
+
+
+class ConnectRefused(Exception):
+    """The broker answered CONNECT with a refusal (bad credentials, for example)."""
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+def tls_context(ca_cert: str | None) -> ssl.SSLContext:
+    """A client context that verifies the server certificate and host name."""
+    ctx = ssl.create_default_context(cafile=ca_cert or None)
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class MqttConnection:
+    """A single MQTT 3.1.1 connection with asyncio futures for PUBACK and SUBACK."""
+
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        keepalive: int = 60,
+        on_message: MessageHandler | None = None,
+        will: Will | None = None,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
+            protocol=MQTTProtocolVersion.MQTTv311, reconnect_on_failure=False)
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        if tls is not None:
+            self.client.tls_set_context(tls)
+        if will is not None:
+            self.client.will_set(will.topic, will.payload, will.qos, will.retain)
+        # The gateway bounds what it has in flight itself; paho must not queue behind it.
+        self.client.max_inflight_messages_set(65535)
+        self.client.max_queued_messages_set(0)
+        self.keepalive = keepalive
+        self._on_message = on_message
+        self._connack: asyncio.Future[None] = self._loop.create_future()
+        self.closed = asyncio.Event()
+        self.close_reason = ""
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._subacks: dict[int, asyncio.Future[list[int]]] = {}
+        c = self.client
+        c.on_connect = self._thread_on_connect
+        c.on_disconnect = self._thread_on_disconnect
+        c.on_publish = self._thread_on_publish
+        c.on_subscribe = self._thread_on_subscribe
+        c.on_message = self._thread_on_message
+
+    # -- paho thread side: hand everything over to the event loop ------------------------
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        # RuntimeError: the event loop is closed, nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _thread_on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
+                           _p: Any) -> None:
+        self._post(self._on_connack, rc.is_failure, str(rc))
+
+    def _thread_on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
+                              _p: Any) -> None:
+        self._post(self._on_closed, str(rc))
+
+    def _thread_on_publish(self, _c: mqtt.Client, _u: Any, mid: int, _rc: ReasonCode,
+                           _p: Any) -> None:
+        self._post(self._on_puback, mid)
+
+    def _thread_on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int,
+                             rcs: list[ReasonCode], _p: Any) -> None:
+        self._post(self._on_suback, mid, [rc.value for rc in rcs])
+
+    def _thread_on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        self._post(self._deliver, msg.topic, msg.payload)
+
+    # -- event loop side ------------------------------------------------------------------
+
+    def _on_connack(self, failed: bool, reason: str) -> None:
+        if self._connack.done():
+            return
+        if failed:
+            self._connack.set_exception(ConnectRefused(reason))
+        else:
+            self._connack.set_result(None)
+
+    def _on_closed(self, reason: str) -> None:
+        if self.closed.is_set():
+            return
+        self.close_reason = self.close_reason or reason
+        self.closed.set()
+        if not self._connack.done():
+            self._connack.set_exception(ConnectionLost(reason))
+        error = ConnectionLost(self.close_reason)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(error)
+        for sub in self._subacks.values():
+            if not sub.done():
+                sub.set_exception(error)
+        self._pending.clear()
+        self._subacks.clear()
+
+    def _on_puback(self, mid: int) -> None:
+        fut = self._pending.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _on_suback(self, mid: int, codes: list[int]) -> None:
+        fut = self._subacks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(codes)
+
+    def _deliver(self, topic: str, payload: bytes) -> None:
+        if self._on_message is None:
+            return
+        try:
+            self._on_message(topic, payload)
+        except Exception:  # a handler bug must not kill the connection
+            log.exception("handling a message on %s failed", topic)
+
+    # -- public API -----------------------------------------------------------------------
+
+    async def connect(self, host: str, port: int, timeout: float = 30.0) -> None:
+        """Open the connection and wait for CONNACK. Raises OSError, ssl.SSLError,
+        ConnectRefused, ConnectionLost or TimeoutError."""
+        self.client.connect_timeout = min(timeout, 30.0)
+        await asyncio.to_thread(self.client.connect, host, port, self.keepalive)
+        self.client.loop_start()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._connack), timeout)
+        except BaseException:
+            await self.close()
+            raise
+
+    @property
+    def connected(self) -> bool:
+        return self._connack.done() and not self._connack.exception() and not self.closed.is_set()
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1,
+                retain: bool = False) -> asyncio.Future[None]:
+        """Send a message; the future completes on PUBACK (QoS 1) or when written (QoS 0),
+        and fails with ConnectionLost if the connection closes first."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        if self.closed.is_set():
+            fut.set_exception(ConnectionLost(self.close_reason or "not connected"))
+            return fut
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            fut.set_exception(ConnectionLost(mqtt.error_string(info.rc)))
+            return fut
+        self._pending[info.mid] = fut
+        return fut
+
+    async def subscribe(self, topics: list[str], qos: int = 1, timeout: float = 10.0) -> None:
+        """Subscribe and wait for SUBACK; a refused topic raises ConnectRefused."""
+        if not topics:
+            return
+        fut: asyncio.Future[list[int]] = self._loop.create_future()
+        rc, mid = self.client.subscribe([(t, qos) for t in topics])
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise ConnectionLost(mqtt.error_string(rc))
+        self._subacks[mid] = fut
+        codes = await asyncio.wait_for(fut, timeout)
+        refused = [t for t, code in zip(topics, codes, strict=False) if code >= 0x80]
+        if refused:
+            raise ConnectRefused(f"subscription refused for {', '.join(refused)}")
+
+    async def close(self, reason: str = "closed by the gateway", wait: float = 3.0) -> None:
+        """Disconnect and stop the network thread.
+
+        If the DISCONNECT cannot be written (a broker that stopped reading), the socket
+        is shut down under paho after ``wait`` seconds so the thread always ends.
+        """
+        if not self.close_reason:
+            self.close_reason = reason
+        self.client.disconnect()
+        stopper = asyncio.ensure_future(asyncio.to_thread(self.client.loop_stop))
+        done, _ = await asyncio.wait({stopper}, timeout=wait)
+        if not done:
+            sock = self.client.socket()
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            await asyncio.wait({stopper}, timeout=wait)
+        self._on_closed(reason)

@@ -1,0 +1,100 @@
+"""Server-side RPC: a registry of methods, and the dispatcher that answers every request.
+
+Replies have the shape ``{"message": ...}`` like the original gateway; an error adds
+``"error": true``. A method that takes long starts its work and replies at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+Reply = Callable[[str, dict[str, Any]], None]
+
+
+class RpcError(Exception):
+    """A request that cannot be served; the message goes back to the caller."""
+
+
+@dataclass
+class Method:
+    name: str
+    description: str
+    handler: Handler
+    params: dict[str, str] = field(default_factory=dict)
+
+
+class RpcDispatcher:
+    """Parses requests, validates the method, runs it, and always replies."""
+
+    def __init__(self, reply: Reply, timeout_s: float = 8.0) -> None:
+        self._reply = reply
+        self.timeout_s = timeout_s
+        self.methods: dict[str, Method] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.register("list", "every method with a one-line description and its params",
+                      self._list)
+
+    def register(self, name: str, description: str, handler: Handler,
+                 params: dict[str, str] | None = None) -> None:
+        self.methods[name] = Method(name, description, handler, params or {})
+
+    async def _list(self, _params: dict[str, Any]) -> Any:
+        return {m.name: {"description": m.description, "params": m.params}
+                for m in sorted(self.methods.values(), key=lambda m: m.name)}
+
+    def handle(self, request_id: str, payload: bytes) -> None:
+        """Serve one request (called from the MQTT message handler)."""
+        task = asyncio.ensure_future(self._serve(request_id, payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, request_id: str, payload: bytes) -> None:
+        try:
+            method, params = parse_request(payload)
+            entry = self.methods.get(method)
+            if entry is None:
+                raise RpcError(f"unknown method {method!r}; the method 'list' shows them all")
+            result = await asyncio.wait_for(entry.handler(params), self.timeout_s)
+            self._reply(request_id, {"message": result})
+            log.info("RPC %s (%s) answered", method, request_id)
+        except RpcError as exc:
+            log.warning("RPC %s refused: %s", request_id, exc)
+            self._reply(request_id, {"message": str(exc), "error": True})
+        except TimeoutError:
+            log.error("RPC %s did not finish in %.0f s", request_id, self.timeout_s)
+            self._reply(request_id, {"message": "timed out", "error": True})
+        except Exception as exc:
+            log.exception("RPC %s failed", request_id)
+            self._reply(request_id, {"message": f"internal error: {exc}", "error": True})
+
+
+def parse_request(payload: bytes) -> tuple[str, dict[str, Any]]:
+    """(method, params) of a request; params default to {} and must be an object."""
+    try:
+        request = json.loads(payload)
+    except ValueError:
+        raise RpcError("request is not valid JSON") from None
+    if not isinstance(request, dict):
+        raise RpcError("request is not a JSON object")
+    method = request.get("method")
+    if not isinstance(method, str) or not method:
+        raise RpcError("request has no method")
+    params = request.get("params")
+    if params is None or params in ("", {}):
+        params = {}
+    if isinstance(params, str):
+        try:
+            params = json.loads(params)
+        except ValueError:
+            raise RpcError("params is a string that is not JSON") from None
+    if not isinstance(params, dict):
+        raise RpcError("params must be a JSON object")
+    return method, params

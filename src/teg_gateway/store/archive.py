@@ -1,0 +1,80 @@
+"""The archive: every non-log record the controller handed over, indexed by time.
+
+It outlives the outbox (records stay after ThingsBoard acknowledged them) until the
+retention removes them, so an operator can republish a time range later.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+from teg_gateway.store.outbox import TELEMETRY, now_ms, transaction, used_bytes
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    ts INTEGER NOT NULL,
+    type TEXT,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_ts ON records (ts);
+"""
+
+DAY_MS = 86_400_000
+
+
+class Archive:
+    """Records kept for later republishing (schema ``archive`` on the store connection)."""
+
+    def __init__(self, conn: sqlite3.Connection, schema: str = "archive") -> None:
+        self.conn = conn
+        self.schema = schema
+
+    def count(self) -> int:
+        return int(self.conn.execute(f"SELECT count(*) FROM {self.schema}.records").fetchone()[0])
+
+    def used_bytes(self) -> int:
+        return used_bytes(self.conn, self.schema)
+
+    def republish(self, start_ms: int, end_ms: int) -> int:
+        """Copy records with ``start_ms <= ts <= end_ms`` into the outbox, in time order."""
+        with transaction(self.conn):
+            before = self.conn.total_changes
+            self.conn.execute(
+                f"INSERT INTO main.outbox (kind, body, created_ms) "
+                f"SELECT ?, body, ? FROM {self.schema}.records "
+                f"WHERE ts BETWEEN ? AND ? ORDER BY ts, id",
+                (TELEMETRY, now_ms(), start_ms, end_ms))
+            return self.conn.total_changes - before
+
+    def discard(self, start_ms: int, end_ms: int) -> int:
+        """Delete records with ``start_ms <= ts <= end_ms``."""
+        with transaction(self.conn):
+            before = self.conn.total_changes
+            self.conn.execute(f"DELETE FROM {self.schema}.records WHERE ts BETWEEN ? AND ?",
+                              (start_ms, end_ms))
+            return self.conn.total_changes - before
+
+    def enforce_retention(self, max_age_days: float, max_bytes: int,
+                          now: float | None = None) -> int:
+        """Remove records older than the retention and the oldest above the size cap."""
+        cutoff = int(((time.time() if now is None else now) * 1000) - max_age_days * DAY_MS)
+        removed = 0
+        with transaction(self.conn):
+            before = self.conn.total_changes
+            self.conn.execute(f"DELETE FROM {self.schema}.records WHERE ts < ?", (cutoff,))
+            removed += self.conn.total_changes - before
+        used = self.used_bytes()
+        if used > max_bytes:
+            count = self.count()
+            if count:
+                per_row = max(1, used // count)
+                to_remove = max(1, (used - int(max_bytes * 0.9)) // per_row)
+                with transaction(self.conn):
+                    before = self.conn.total_changes
+                    self.conn.execute(
+                        f"DELETE FROM {self.schema}.records WHERE id IN (SELECT id FROM "
+                        f"{self.schema}.records ORDER BY ts LIMIT ?)", (to_remove,))
+                    removed += self.conn.total_changes - before
+        return removed

@@ -1,0 +1,99 @@
+"""Opening SQLite files safely: WAL, sane pragmas, and corrupt files moved aside."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+from teg_gateway.fsutil import fsync_dir
+
+log = logging.getLogger(__name__)
+
+CORRUPTION_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """True when ``exc`` says the file is damaged (not when it is locked or the disk is full)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) in CORRUPTION_CODES
+    return isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+        exc, sqlite3.OperationalError | sqlite3.IntegrityError)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged database (and its WAL files) to ``<name>.corrupt-<UTC time>``.
+
+    Nothing is deleted: an operator can still try to recover the file.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    if path.exists():
+        path.rename(target)
+    for suffix in SIDE_FILES:
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(target.with_name(target.name + suffix))
+    fsync_dir(path.parent)
+    return target
+
+
+def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
+    """Open ``path`` in WAL mode with autocommit off (explicit transactions only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def check_readable(conn: sqlite3.Connection, schema: str = "main") -> None:
+    """Raise if the file is not a database or its first pages are damaged."""
+    conn.execute(f"SELECT count(*) FROM {schema}.sqlite_master").fetchone()
+    row = conn.execute(f"PRAGMA {schema}.quick_check(1)").fetchone()
+    if row is None or row[0] != "ok":
+        raise sqlite3.DatabaseError(f"integrity check failed: {row[0] if row else '?'}")
+
+
+def open_checked(path: Path, schema_sql: str, *, synchronous: str = "FULL",
+                 quick_check: bool = False) -> tuple[sqlite3.Connection, Path | None]:
+    """Open ``path``, create its schema; a damaged file is moved aside and a new one started.
+
+    Returns the connection and where a damaged file was moved (None when it was fine).
+    """
+    moved: Path | None = None
+    for _ in range(2):
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = connect(path, synchronous=synchronous)
+            if quick_check:
+                check_readable(conn)
+            else:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            conn.executescript(schema_sql)
+            return conn, moved
+        except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()
+            if not is_corruption(exc) or moved is not None:
+                raise
+            moved = move_aside(path)
+            log.error("database %s is damaged (%s); moved aside to %s, starting a new one",
+                      path, exc, moved)
+    raise AssertionError("unreachable")  # pragma: no cover

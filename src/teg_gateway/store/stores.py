@@ -1,0 +1,109 @@
+"""The gateway's own databases on one connection: the outbox (main) and the archive.
+
+The controller's queue database is attached to the same connection by the intake, so a
+batch moves from the queue to the outbox and the archive in one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from pathlib import Path
+
+from teg_gateway.store import archive as archive_mod
+from teg_gateway.store import db
+from teg_gateway.store import outbox as outbox_mod
+from teg_gateway.store.archive import Archive
+from teg_gateway.store.outbox import Outbox, add_counter, transaction
+
+log = logging.getLogger(__name__)
+
+OUTBOX_FILE = "outbox.db"
+ARCHIVE_FILE = "archive.db"
+
+
+
+class Stores:
+    """Opens, attaches, and recovers the databases. ``problems`` lists what was reported."""
+
+    def __init__(self, data_dir: Path, max_payload_bytes: int) -> None:
+        self.outbox_path = data_dir / OUTBOX_FILE
+        self.archive_path = data_dir / ARCHIVE_FILE
+        self.max_payload_bytes = max_payload_bytes
+        self.problems: list[str] = []
+        self._conn: sqlite3.Connection | None = None
+        self.outbox: Outbox
+        self.archive: Archive
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "stores are closed"
+        return self._conn
+
+    def open(self, quick_check: bool = True) -> None:
+        salvaged: list[tuple[int, str, int]] = []
+        if quick_check and self.outbox_path.exists():
+            salvaged = self._salvage_if_damaged()
+        archive_conn, moved = db.open_checked(self.archive_path, archive_mod.SCHEMA,
+                                              quick_check=quick_check)
+        archive_conn.close()
+        self._note_moved(self.archive_path, moved)
+        conn, moved = db.open_checked(self.outbox_path, outbox_mod.SCHEMA,
+                                      quick_check=quick_check)
+        self._note_moved(self.outbox_path, moved)
+        conn.execute("ATTACH DATABASE ? AS archive", (str(self.archive_path),))
+        conn.execute("PRAGMA archive.synchronous = FULL")
+        self._conn = conn
+        self.outbox = Outbox(conn, self.max_payload_bytes)
+        self.archive = Archive(conn)
+        if salvaged:
+            with transaction(conn):
+                conn.executemany("INSERT INTO outbox (kind, body, created_ms) VALUES (?, ?, ?)",
+                                 salvaged)
+                add_counter(conn, "records_salvaged", len(salvaged))
+            self._report(f"salvaged {len(salvaged)} records from the damaged outbox")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+            self._conn = None
+
+    def recover(self, error: BaseException) -> None:
+        """After a corruption error at run time: move damaged files aside and reopen."""
+        self._report(f"database error at run time: {error}; checking the files")
+        self.close()
+        self.open(quick_check=True)
+
+    def _salvage_if_damaged(self) -> list[tuple[int, str, int]]:
+        """Read what can still be read from a damaged outbox before it is moved aside."""
+        try:
+            conn = db.connect(self.outbox_path)
+        except sqlite3.DatabaseError:
+            return []
+        try:
+            db.check_readable(conn)
+            return []
+        except sqlite3.DatabaseError:
+            pass
+        rows: list[tuple[int, str, int]] = []
+        try:
+            for row in conn.execute("SELECT kind, body, created_ms FROM outbox ORDER BY id"):
+                rows.append((int(row[0]), str(row[1]), int(row[2])))
+        except sqlite3.DatabaseError:
+            pass
+        finally:
+            conn.close()
+        return rows
+
+    def _note_moved(self, path: Path, moved: Path | None) -> None:
+        if moved is not None:
+            self._report(f"{path.name} was damaged; moved aside to {moved.name} and a new one "
+                         "was started")
+
+    def _report(self, text: str) -> None:
+        log.error("%s", text)
+        self.problems.append(text)
+
