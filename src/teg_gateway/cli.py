@@ -63,13 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace, require_data: bool = True) -> Settings:
+def settings_from_args(args: argparse.Namespace, require_data: bool = True,
+                       require_host: bool = False) -> Settings:
     flags: dict[str, Any] = {}
     for dest, (setting_name, _text) in FLAGS.items():
         value = getattr(args, dest, None)
         if value is not None:
             flags[setting_name] = value
-    return load_settings(getattr(args, "config", None), os.environ, flags, require_data)
+    return load_settings(getattr(args, "config", None), os.environ, flags, require_data,
+                         require_host)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from teg_gateway.sandbox.run import run_sandbox
         return run_sandbox(seconds=args.seconds, rate=args.rate, workdir=args.workdir)
     try:
-        settings = settings_from_args(args)
+        settings = settings_from_args(args, require_host=command in ("run", "provision"))
     except ConfigError as exc:
         print(f"teg-gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -91,12 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if command == "provision":
         return _provision(settings)
+    from teg_gateway.cloud.credentials import CredentialsError
     from teg_gateway.cloud.provision import ProvisionError
     from teg_gateway.gateway import Gateway
     try:
         return asyncio.run(Gateway(settings).run())
     except ProvisionError as exc:
         log.error("provisioning failed: %s", exc)
+        return EXIT_PROVISION
+    except CredentialsError as exc:
+        log.error("%s", exc)
         return EXIT_PROVISION
 
 

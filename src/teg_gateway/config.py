@@ -8,6 +8,7 @@ is for, so the README's table and the validation come from one place.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tomllib
 import types
@@ -131,6 +132,66 @@ class ShutdownSettings:
 
 
 @dataclass
+class LocalMqttSettings:
+    enabled: bool = setting(True, "connect to the device's local broker (thin-edge.io topics)")
+    host: str = setting("127.0.0.1", "local broker host")
+    port: int = setting(1883, "local broker port (plain MQTT on the device)", check="port")
+    reconnect_max_s: float = setting(30.0, "reconnect delay cap for the local broker",
+                                     check="positive")
+
+
+@dataclass
+class RestartSettings:
+    command: list[str] = list_setting(["sudo", "reboot"],
+                                      "reboot command, run without a shell")
+    timeout_s: float = setting(300.0, "a device that has not restarted this long after the "
+                                      "command makes the restart fail", check="positive")
+    boot_id_file: str = setting("/proc/sys/kernel/random/boot_id",
+                                "file whose content changes at every boot")
+
+
+@dataclass
+class RpcSettings:
+    shutdown_command: list[str] = list_setting(["sudo", "poweroff"],
+                                               "power-off command of the RPC shutdown")
+    run_command_enabled: bool = setting(False, "allow the RPC run_command at all")
+    run_command_allow: list[str] = list_setting(
+        [], "programs run_command may start (names or absolute paths)")
+    run_command_max_timeout_s: float = setting(300.0, "longest timeout_s run_command accepts",
+                                               check="positive")
+    run_command_max_output: int = setting(16384, "bytes of stdout/stderr kept per command",
+                                          check="positive")
+
+
+@dataclass
+class ControllerSettings:
+    runtime: str = setting("none", "how the controller runs: process, docker or none",
+                           check="runtime")
+    command: list[str] = list_setting([], "process runtime: the command (no shell)")
+    workdir: str = setting("", "process runtime: working directory (default: the active "
+                               "version's directory, else the controller data directory)")
+    env: dict[str, str] = field(default_factory=dict, metadata={
+        "doc": "process runtime: extra environment variables", "env": None, "check": None})
+    default_version: str = setting("", "version to launch when none was launched before",
+                                   env="TEG_DEFAULT_CONTROLLER_VERSION")
+    stop_grace_s: float = setting(10.0, "SIGTERM, then SIGKILL after this long",
+                                  check="positive")
+    restart_min_s: float = setting(1.0, "first restart delay after a crash", check="positive")
+    restart_max_s: float = setting(300.0, "restart delay cap", check="positive")
+    healthy_after_s: float = setting(120.0, "running healthily this long resets the backoff",
+                                     check="positive")
+    health_timeout_s: float = setting(21600.0, "no health signal this long means hung: "
+                                               "restart it", check="positive")
+    stop_on_shutdown: str = setting("auto", "stop the controller when the gateway stops: "
+                                            "auto (process yes, docker no), always, never",
+                                    check="stop_on_shutdown")
+    log_max_bytes: int = setting(10 * 1024 * 1024, "process runtime: rotate the log file "
+                                                   "at this size", check="positive")
+    log_backups: int = setting(5, "process runtime: rotated log files kept",
+                               check="non_negative")
+
+
+@dataclass
 class Settings:
     thingsboard: ThingsBoardSettings = field(default_factory=ThingsBoardSettings)
     paths: PathSettings = field(default_factory=PathSettings)
@@ -140,6 +201,10 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     shutdown: ShutdownSettings = field(default_factory=ShutdownSettings)
+    local_mqtt: LocalMqttSettings = field(default_factory=LocalMqttSettings)
+    restart: RestartSettings = field(default_factory=RestartSettings)
+    rpc: RpcSettings = field(default_factory=RpcSettings)
+    controller: ControllerSettings = field(default_factory=ControllerSettings)
 
     # Derived paths, resolved once by `load_settings`.
     @property
@@ -224,6 +289,11 @@ def _convert(value: Any, kind: Any, where: str, from_text: bool) -> Any:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
         raise ConfigError(f"setting {where}: must be a list of strings, got {value!r}")
+    if origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in value.items()):
+            return dict(value)
+        raise ConfigError(f"setting {where}: must be a table of strings, got {value!r}")
     if origin in (types.UnionType, typing.Union):
         raise ConfigError(f"setting {where}: unsupported type")  # pragma: no cover
     raise ConfigError(f"setting {where}: unsupported type {kind!r}")  # pragma: no cover
@@ -238,6 +308,10 @@ def _check(value: Any, check: str | None, where: str) -> None:
         raise ConfigError(f"setting {where}: must not be negative, got {value}")
     if check == "payload" and not 1024 <= value <= 65536:
         raise ConfigError(f"setting {where}: must be from 1024 to 65536 bytes, got {value}")
+    if check == "runtime" and value not in ("process", "docker", "none"):
+        raise ConfigError(f"setting {where}: must be process, docker or none, got {value!r}")
+    if check == "stop_on_shutdown" and value not in ("auto", "always", "never"):
+        raise ConfigError(f"setting {where}: must be auto, always or never, got {value!r}")
     if check == "level" and value.upper() not in LOG_LEVELS:
         raise ConfigError(f"setting {where}: must be one of DEBUG, INFO, WARN, ERROR, "
                           f"got {value!r}")
@@ -261,10 +335,12 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
     require_data: bool = True,
+    require_host: bool = False,
 ) -> Settings:
     """Build and validate the settings.
 
     ``flags`` maps ``"section.name"`` to a value given on the command line.
+    ``require_host``: the ThingsBoard host must be set (commands that talk to it).
     """
     env = env or {}
     flags = flags or {}
@@ -296,11 +372,11 @@ def load_settings(
                 value = _convert(flags[flag_key], kind, where, True)
             _check(value, fld.metadata.get("check"), where)
             setattr(section, fld.name, value)
-    _check_whole(settings, require_data)
+    _check_whole(settings, require_data, require_host)
     return settings
 
 
-def _check_whole(settings: Settings, require_data: bool) -> None:
+def _check_whole(settings: Settings, require_data: bool, require_host: bool = False) -> None:
     tb = settings.thingsboard
     if tb.reconnect_max_s < tb.reconnect_min_s:
         raise ConfigError("setting thingsboard.reconnect_max_s: must not be below "
@@ -308,6 +384,23 @@ def _check_whole(settings: Settings, require_data: bool) -> None:
     if require_data and not settings.paths.data:
         raise ConfigError("setting paths.data (TEG_DATA_PATH): required: the directory where "
                           "the gateway keeps its databases")
+    for name, env, value in (("paths.data", "TEG_DATA_PATH", settings.paths.data),
+                             ("paths.controller_data", "TEG_CONTROLLER_DATA_PATH",
+                              settings.paths.controller_data)):
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise ConfigError(f"setting {name} ({env}): not a directory: {value}")
+    if require_host and not tb.host.strip():
+        raise ConfigError("setting thingsboard.host (TB_HOST): required: the ThingsBoard "
+                          "MQTT host")
+    ctl = settings.controller
+    if ctl.runtime == "process" and not ctl.command:
+        raise ConfigError("setting controller.command: required with controller.runtime = "
+                          "\"process\" (a list of strings, e.g. [\"python3\", \"main.py\"])")
+    if ctl.restart_max_s < ctl.restart_min_s:
+        raise ConfigError("setting controller.restart_max_s: must not be below "
+                          "controller.restart_min_s")
+    if not settings.restart.command:
+        raise ConfigError("setting restart.command: must not be empty")
     if tb.ca_cert and not Path(tb.ca_cert).is_file():
         raise ConfigError(f"setting thingsboard.ca_cert (THINGSBOARD_CA_CERT): no such file: "
                           f"{tb.ca_cert}")
@@ -320,6 +413,16 @@ def settings_table() -> list[tuple[str, str, str, str]]:
         for fld, _kind in section_fields(cls):
             default = fld.default if fld.default is not dataclasses.MISSING else (
                 fld.default_factory() if fld.default_factory is not dataclasses.MISSING else "")
-            rows.append((f"{section_name}.{fld.name}", fld.metadata.get("env") or "",
-                         repr(default) if default != "" else "", fld.metadata["doc"]))
+            shown = "" if default == "" else json.dumps(default)
+            rows.append((f"{section_name}.{fld.name}", fld.metadata.get("env") or "", shown,
+                         fld.metadata["doc"]))
     return rows
+
+
+def settings_markdown() -> str:
+    """The README's table of settings."""
+    lines = ["| TOML setting | environment | default | meaning |", "|---|---|---|---|"]
+    for name, env, default, doc in settings_table():
+        lines.append(f"| `{name}` | {f'`{env}`' if env else ''} | "
+                     f"{f'`{default}`' if default else ''} | {doc} |")
+    return "\n".join(lines)

@@ -71,7 +71,8 @@ class Gateway:
         self.settings = settings
         self.started_ms = now_ms()
         self.stores = Stores(settings.data_dir, settings.outbox.max_payload_bytes)
-        self.intake = QueueIntake(settings.controller_data_dir, settings.queue.batch_size)
+        self.intake = QueueIntake(settings.controller_data_dir, settings.queue.batch_size,
+                                  settings.outbox.max_payload_bytes)
         self.lag = LagMonitor()
         self.cloud_logs = CloudLogHandler(level_number(settings.logging.cloud_level),
                                           settings.logging.cloud_per_minute,
@@ -233,7 +234,14 @@ class Gateway:
                         await asyncio.sleep(0)
                         continue
             except sqlite3.Error as exc:
-                self._on_db_error(exc, "controller queue intake")
+                if is_corruption(exc) and self.intake.queue_damaged():
+                    # The controller's file, not ours: reopening our stores would not help.
+                    self._report_every("queue-damaged", logging.ERROR,
+                                       f"the controller queue database {self.intake.path} is "
+                                       f"damaged ({exc}); its records cannot be read until it "
+                                       "is repaired or replaced")
+                else:
+                    self._on_db_error(exc, "controller queue intake")
                 await asyncio.sleep(1.0)
             await asyncio.sleep(poll)
 

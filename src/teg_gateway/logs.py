@@ -47,11 +47,14 @@ class CloudLogHandler(logging.Handler):
         self._suppressed_unreported = 0
         self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
 
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            now = time.monotonic()
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-            self._last = now
+            self._refill()
             if self._tokens < 1.0:
                 self.suppressed += 1
                 self._suppressed_unreported += 1
@@ -71,11 +74,18 @@ class CloudLogHandler(logging.Handler):
         bodies = []
         while self._pending:
             bodies.append(self._pending.popleft())
-        if self._suppressed_unreported and self._tokens >= 1.0:
-            self._tokens -= 1.0
-            bodies.append(telemetry_body({
-                "severity": "WARNING",
-                "message": f"{PREFIX}{self._suppressed_unreported} log records were not sent "
-                           "(rate limit); see the gateway's own log"}))
-            self._suppressed_unreported = 0
+        self.acquire()  # emit() runs under this lock, from any thread
+        try:
+            # Tokens come back with time, not only when something is logged: the summary
+            # must not wait for the next log record, which may never come.
+            self._refill()
+            if self._suppressed_unreported and self._tokens >= 1.0:
+                self._tokens -= 1.0
+                bodies.append(telemetry_body({
+                    "severity": "WARNING",
+                    "message": f"{PREFIX}{self._suppressed_unreported} log records were not "
+                               "sent (rate limit); see the gateway's own log"}))
+                self._suppressed_unreported = 0
+        finally:
+            self.release()
         return bodies

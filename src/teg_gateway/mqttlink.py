@@ -14,13 +14,16 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
+
+from teg_gateway.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +138,9 @@ class MqttConnection:
         self.closed.set()
         if not self._connack.done():
             self._connack.set_exception(ConnectionLost(reason))
+            # Marked as retrieved: after a failed connect nobody waits for it any more, and
+            # asyncio would log an ERROR ("never retrieved") for every failed attempt.
+            self._connack.exception()
         error = ConnectionLost(self.close_reason)
         for fut in self._pending.values():
             if not fut.done():
@@ -228,3 +234,42 @@ class MqttConnection:
                     socket.socket.shutdown(sock, socket.SHUT_RDWR)
             await asyncio.wait({stopper}, timeout=wait)
         self._on_closed(reason)
+
+
+# A connection that stayed up this long resets the reconnect backoff.
+STABLE_AFTER_S = 60.0
+
+CONNECT_ERRORS = (OSError, ConnectionLost, ConnectRefused, TimeoutError)
+
+
+async def keep_connected(
+    connect: Callable[[], Awaitable[MqttConnection]],
+    serve: Callable[[MqttConnection], Awaitable[None]],
+    backoff: Backoff,
+    stopping: asyncio.Event,
+    on_failure: Callable[[BaseException], None],
+) -> None:
+    """Connect, serve until the connection ends, wait a backoff delay, and again, until
+    ``stopping`` is set. ``connect`` raises one of CONNECT_ERRORS when it fails."""
+    while not stopping.is_set():
+        try:
+            conn = await connect()
+        except CONNECT_ERRORS as exc:
+            on_failure(exc)
+        else:
+            started = time.monotonic()
+            await serve(conn)
+            if time.monotonic() - started >= STABLE_AFTER_S:
+                backoff.reset()
+        if stopping.is_set():
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), backoff.next_delay())
+
+
+async def wait_closed_or(conn: MqttConnection, event: asyncio.Event) -> None:
+    """Return when the connection closed or ``event`` was set."""
+    waits = {asyncio.ensure_future(conn.closed.wait()), asyncio.ensure_future(event.wait())}
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for fut in waits:
+        fut.cancel()

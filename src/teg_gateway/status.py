@@ -16,7 +16,8 @@ from teg_gateway.store.stores import ARCHIVE_FILE, OUTBOX_FILE
 def _open_ro(path: Path) -> sqlite3.Connection | None:
     if not path.exists():
         return None
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    # as_uri() percent-encodes the path: a '#', '?' or '%' in it stays part of the name.
+    return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=5.0)
 
 
 def _age(ms: int) -> str:

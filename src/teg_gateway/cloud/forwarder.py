@@ -51,13 +51,18 @@ class Forwarder:
         while True:
             await self.session.connected.wait()
             conn = self.session.connection
-            if conn is None:
+            if conn is None or conn.closed.is_set():
+                # The session has not noticed the loss yet: let it run (never spin here
+                # without yielding, or the event loop hangs).
                 await asyncio.sleep(0.05)
                 continue
             try:
                 await self._pump(conn)
             except ConnectionLost:
-                pass
+                if not conn.closed.is_set():
+                    # A publish failed (paho lost the socket) before the connection
+                    # noticed: close it, so that the session reconnects.
+                    await conn.close("a publish failed")
             except sqlite3.Error as exc:
                 log.error("outbox read failed: %s", exc)
                 if self.on_db_error:

@@ -59,6 +59,13 @@ FROM (SELECT id, type, message, {REASON_SQL} AS reason
       FROM queue.messages ORDER BY id LIMIT ?)
 """
 
+TOO_LARGE = """
+UPDATE temp.intake_batch
+SET reason = 'record is ' || length(CAST(body AS BLOB)) || ' bytes, too large for a publish of '
+             || ?1 || ' bytes (outbox.max_payload_bytes)', ts = NULL, body = NULL
+WHERE reason IS NULL AND length(body) * 4 > ?2 AND length(CAST(body AS BLOB)) > ?2
+"""
+
 ATTACHED_MARK = "queue"
 
 
@@ -84,9 +91,13 @@ def open_queue(path: Path) -> sqlite3.Connection:
 class QueueIntake:
     """Moves rows from the controller queue into the outbox and the archive."""
 
-    def __init__(self, queue_dir: Path, batch_size: int) -> None:
+    def __init__(self, queue_dir: Path, batch_size: int,
+                 max_payload_bytes: int | None = None) -> None:
         self.path = queue_dir / QUEUE_FILE
         self.batch_size = batch_size
+        # A record that cannot fit in one publish ("[" + record + "]") can never be sent:
+        # ThingsBoard closes the connection on it, and it would block the outbox forever.
+        self.max_record_bytes = None if max_payload_bytes is None else max_payload_bytes - 2
         self._attached_to: sqlite3.Connection | None = None
         self._inode: int | None = None
         self._inode_checked = 0.0
@@ -128,10 +139,17 @@ class QueueIntake:
         with transaction(conn):
             conn.execute("DELETE FROM temp.intake_batch")
             conn.execute(FILL_BATCH, (self.batch_size,))
-            taken, last_id, dead = conn.execute(
-                "SELECT count(*), max(id), count(reason) FROM temp.intake_batch").fetchone()
+            taken, last_id, dead, longest = conn.execute(
+                "SELECT count(*), max(id), count(reason), max(length(body)) "
+                "FROM temp.intake_batch").fetchone()
             if not taken:
                 return result
+            # A character takes at most 4 bytes: only then can a record be too large.
+            limit = self.max_record_bytes
+            if limit is not None and longest is not None and longest * 4 > limit:
+                conn.execute(TOO_LARGE, (limit + 2, limit))
+                dead = conn.execute(
+                    "SELECT count(reason) FROM temp.intake_batch").fetchone()[0]
             result.taken, result.dead = int(taken), int(dead)
             before = conn.total_changes
             conn.execute(
@@ -165,6 +183,23 @@ class QueueIntake:
         more = f" and {count - len(rows)} more" if count > len(rows) else ""
         log.warning("controller queue: %d malformed row(s) moved to the dead-letter table: "
                     "%s%s", count, detail, more)
+
+    def queue_damaged(self) -> bool:
+        """Whether the controller's queue database file itself is damaged.
+
+        Tells a damaged queue from damaged gateway databases after a corruption error in
+        the intake: only the latter are the gateway's to move aside and reopen."""
+        try:
+            conn = db.connect(self.path, synchronous="NORMAL")
+        except sqlite3.DatabaseError as exc:
+            return db.is_corruption(exc)
+        try:
+            db.check_readable(conn)
+        except sqlite3.DatabaseError as exc:
+            return db.is_corruption(exc)
+        finally:
+            conn.close()
+        return False
 
     def last_health_check_ms(self, conn: sqlite3.Connection) -> int:
         """The controller's last health check (ms since the epoch), 0 when none."""

@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 Reply = Callable[[str, dict[str, Any]], None]
+
+
+# The id of the request being served (each request runs in its own task).
+current_request_id: ContextVar[str] = ContextVar("current_request_id", default="")
 
 
 class RpcError(Exception):
@@ -57,6 +62,7 @@ class RpcDispatcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, request_id: str, payload: bytes) -> None:
+        current_request_id.set(request_id)
         try:
             method, params = parse_request(payload)
             entry = self.methods.get(method)

@@ -78,3 +78,36 @@ class Archive:
                         f"{self.schema}.records ORDER BY ts LIMIT ?)", (to_remove,))
                     removed += self.conn.total_changes - before
         return removed
+
+
+def republish_chunk(archive: Archive, start_ms: int, end_ms: int, after_id: int,
+                    limit: int) -> tuple[int, int]:
+    """Copy up to ``limit`` archived records of the range with id > ``after_id`` into the
+    outbox, in archive order. Returns (records copied, last id) - (0, after_id) when done.
+    """
+    schema = archive.schema
+    conn = archive.conn
+    row = conn.execute(
+        f"SELECT count(*), max(id) FROM (SELECT id FROM {schema}.records "
+        f"WHERE ts BETWEEN ? AND ? AND id > ? ORDER BY id LIMIT ?)",
+        (start_ms, end_ms, after_id, limit)).fetchone()
+    count, last_id = int(row[0]), row[1]
+    if not count:
+        return 0, after_id
+    with transaction(conn):
+        conn.execute(
+            f"INSERT INTO main.outbox (kind, body, created_ms) SELECT ?, body, ? "
+            f"FROM {schema}.records WHERE ts BETWEEN ? AND ? AND id > ? AND id <= ? "
+            f"ORDER BY id", (TELEMETRY, now_ms(), start_ms, end_ms, after_id, last_id))
+    return count, int(last_id)
+
+
+def discard_chunk(archive: Archive, start_ms: int, end_ms: int, limit: int) -> int:
+    """Delete up to ``limit`` archived records of the range; the number deleted."""
+    schema = archive.schema
+    with transaction(archive.conn):
+        before = archive.conn.total_changes
+        archive.conn.execute(
+            f"DELETE FROM {schema}.records WHERE id IN (SELECT id FROM {schema}.records "
+            f"WHERE ts BETWEEN ? AND ? LIMIT ?)", (start_ms, end_ms, limit))
+        return archive.conn.total_changes - before

@@ -1,0 +1,176 @@
+"""The device's local MQTT bus (thin-edge.io topic scheme).
+
+A second MQTT session, to the broker on the device (default 127.0.0.1:1883). The gateway
+registers itself as the service ``teg-gateway``, keeps its health retained with a last
+will, answers health checks, and maps measurements, events, alarms, twin fragments and
+service health of the main device into the outbox. It keeps retrying when the broker is
+absent and never holds up the rest of the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from teg_gateway.backoff import Backoff
+from teg_gateway.config import LocalMqttSettings
+from teg_gateway.local import topics
+from teg_gateway.local.topics import Mapped, MappingError
+from teg_gateway.mqttlink import (
+    ConnectionLost,
+    MqttConnection,
+    Will,
+    keep_connected,
+    wait_closed_or,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "teg-gateway"
+SERVICE_TOPIC = "te/" + topics.service_topic_id(SERVICE_NAME)
+HEALTH_TOPIC = SERVICE_TOPIC + "/status/health"
+HEALTH_CHECK_TOPIC = SERVICE_TOPIC + "/cmd/health/check"
+
+CommandHandler = Callable[[str, bytes], None]
+
+
+class LocalBus:
+    """Keeps the local session up and routes what arrives.
+
+    ``on_mapped`` receives what goes to ThingsBoard; ``on_restart_command`` the restart
+    commands (id, payload); ``on_service_health`` a service's health (name, status).
+    """
+
+    def __init__(self, settings: LocalMqttSettings,
+                 on_mapped: Callable[[Mapped], None],
+                 on_restart_command: CommandHandler,
+                 on_service_health: Callable[[str, str], None]) -> None:
+        self.settings = settings
+        self.on_mapped = on_mapped
+        self.on_restart_command = on_restart_command
+        self.on_service_health = on_service_health
+        self.on_connect: list[Callable[[], None]] = []
+        self.connected = asyncio.Event()
+        self.connection: MqttConnection | None = None
+        self.mapped = 0
+        self.rejected = 0
+        self._stopping = asyncio.Event()
+        # Retained alarms, twin values and health come again on every connect: forward
+        # only what changed.
+        self._last_retained: dict[str, bytes] = {}
+
+    async def run(self) -> None:
+        backoff = Backoff(min(1.0, self.settings.reconnect_max_s), self.settings.reconnect_max_s)
+        await keep_connected(self._connect, self._serve, backoff, self._stopping,
+                             self._connect_failed)
+
+    async def _connect(self) -> MqttConnection:
+        will = Will(HEALTH_TOPIC, json.dumps({"status": "down"}).encode())
+        conn = MqttConnection(f"{SERVICE_NAME}-{os.getpid()}", will=will,
+                              on_message=self._on_message)
+        try:
+            await conn.connect(self.settings.host, self.settings.port, timeout=10.0)
+            await conn.subscribe([*topics.SUBSCRIPTIONS, HEALTH_CHECK_TOPIC])
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        log.debug("local broker %s:%d not reachable: %s", self.settings.host,
+                  self.settings.port, exc)
+
+    async def _serve(self, conn: MqttConnection) -> None:
+        log.info("local broker: connected to %s:%d", self.settings.host, self.settings.port)
+        self.connection = conn
+        self.connected.set()
+        conn.publish(SERVICE_TOPIC, json.dumps(
+            {"@type": "service", "name": SERVICE_NAME, "type": "service"}), retain=True)
+        self.publish_health()
+        conn.publish(topics.RESTART_CAPABILITY, b"{}", retain=True)
+        for callback in self.on_connect:
+            try:
+                callback()
+            except Exception:
+                log.exception("local bus on-connect handler failed")
+        await wait_closed_or(conn, self._stopping)
+        self.connected.clear()
+        self.connection = None
+        if self._stopping.is_set():
+            await conn.close("gateway shutting down")
+        else:
+            log.warning("local broker: connection lost (%s)", conn.close_reason)
+            await conn.close()
+
+    def publish_health(self) -> None:
+        self.publish(HEALTH_TOPIC, json.dumps(
+            {"status": "up", "pid": os.getpid(), "time": round(time.time(), 3)}).encode(),
+            retain=True).add_done_callback(_ignore)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False,
+                qos: int = 1) -> asyncio.Future[None]:
+        conn = self.connection
+        if conn is None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.set_exception(ConnectionLost("local broker not connected"))
+            return fut
+        return conn.publish(topic, payload, qos=qos, retain=retain)
+
+    async def stop(self) -> None:
+        """Say ``down`` (retained), then close."""
+        if self.connection is not None:
+            with contextlib.suppress(ConnectionLost, TimeoutError):
+                await asyncio.wait_for(self.publish(
+                    HEALTH_TOPIC, json.dumps({"status": "down"}).encode(), retain=True), 2.0)
+        self._stopping.set()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic in (HEALTH_CHECK_TOPIC, topics.HEALTH_CHECK_ALL):
+            self.publish_health()
+            return
+        parsed = topics.parse(topic)
+        if parsed is None:
+            return
+        if parsed.service is None and parsed.channel[:2] == ("cmd", "restart") \
+                and len(parsed.channel) == 3:
+            self.on_restart_command(parsed.channel[2], payload)
+            return
+        retained_kind = parsed.channel[0] in ("a", "twin") or parsed.channel == (
+            "status", "health")
+        if retained_kind:
+            if self._last_retained.get(topic) == payload:
+                return
+            self._last_retained[topic] = payload
+        if parsed.channel == ("status", "health") and parsed.service:
+            if parsed.service == SERVICE_NAME:
+                return
+            status = _health_status(payload)
+            self.on_service_health(parsed.service, status)
+        try:
+            mapped = topics.map_message(parsed, payload)
+        except MappingError as exc:
+            self.rejected += 1
+            log.warning("local message on %s refused: %s", topic, exc)
+            return
+        if mapped is not None:
+            self.mapped += 1
+            self.on_mapped(mapped)
+
+
+def _health_status(payload: bytes) -> str:
+    try:
+        value = json.loads(payload) if payload else {}
+    except ValueError:
+        return "unknown"
+    status = value.get("status") if isinstance(value, dict) else None
+    return status if isinstance(status, str) else "unknown"
+
+
+def _ignore(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()

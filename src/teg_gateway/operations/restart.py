@@ -1,0 +1,288 @@
+"""The restart operation, by thin-edge.io's contract (``te/device/main///cmd/restart/<id>``).
+
+A state machine whose state is on disk before anything is said on the bus:
+
+1. ``init`` arrives: the command is persisted (atomic write + fsync) with the current
+   boot id, ``executing`` is published retained (QoS 1) and its PUBACK awaited, then the
+   reboot command runs (no shell).
+2. The reboot command cannot start or exits non-zero, or the device is still up after the
+   timeout: ``failed`` with a reason.
+3. On every start the gateway resumes a persisted ``executing`` command: another boot id
+   means the device restarted (``successful``); the same boot id means only the gateway
+   restarted (``failed``). A boot id does not depend on the clock, which on a device
+   without a real-time clock can be wrong right after boot.
+
+Unknown fields of the command payload are carried unchanged into later states. Only the
+requester clears a command; commands created by the RPC ``reboot`` (ids ``tb-rpc-*``) are
+cleared by the gateway once they end, since the gateway is their requester.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from teg_gateway.config import RestartSettings
+from teg_gateway.fsutil import atomic_write_json, read_json
+from teg_gateway.local.topics import RESTART_CAPABILITY
+from teg_gateway.mqttlink import ConnectionLost
+
+log = logging.getLogger(__name__)
+
+RPC_PREFIX = "tb-rpc-"
+RECENT_IDS = 50
+PUBLISH_PATIENCE_S = 60.0
+OUTPUT_TAIL = 400
+
+Publisher = Callable[[str, bytes], "asyncio.Future[None]"]
+
+
+def describe_timeout(seconds: float) -> str:
+    """"5 minutes", "90 seconds", "1 minute"."""
+    if seconds >= 60 and seconds % 60 == 0:
+        minutes = int(seconds // 60)
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    whole = int(seconds) if float(seconds).is_integer() else seconds
+    return f"{whole} second{'s' if whole != 1 else ''}"
+
+
+def read_boot_id(path: str) -> str:
+    """The current boot id; raises OSError when it cannot be read."""
+    text = Path(path).read_text().strip()
+    if not text:
+        raise OSError(f"{path} is empty")
+    return text
+
+
+class RestartOperation:
+    """Serves restart commands from the local bus and from the RPC ``reboot``.
+
+    ``bus_publish(topic, payload)`` publishes retained QoS 1 on the local bus and returns
+    the PUBACK future (failing with ConnectionLost when the bus is down);
+    ``bus_connected`` tells whether publishing can work now; ``report`` sends telemetry to
+    ThingsBoard (through the outbox).
+    """
+
+    def __init__(self, settings: RestartSettings, state_path: Path,
+                 bus_publish: Publisher, bus_connected: asyncio.Event,
+                 report: Callable[[dict[str, Any]], None]) -> None:
+        self.settings = settings
+        self.state_path = state_path
+        self.bus_publish = bus_publish
+        self.bus_connected = bus_connected
+        self.report = report
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._busy = False
+
+    # -- persisted state ------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        value = read_json(self.state_path)
+        return value if isinstance(value, dict) else {}
+
+    def _save(self, state: dict[str, Any]) -> None:
+        atomic_write_json(self.state_path, state)
+
+    def pending(self) -> dict[str, Any] | None:
+        """The command being executed, if any."""
+        pending = self._state().get("pending")
+        return pending if isinstance(pending, dict) else None
+
+    def _remember(self, state: dict[str, Any], command_id: str) -> None:
+        recent = [i for i in state.get("recent", []) if i != command_id]
+        state["recent"] = [*recent, command_id][-RECENT_IDS:]
+
+    # -- entry points ---------------------------------------------------------------------
+
+    def on_command(self, command_id: str, payload: bytes) -> None:
+        """A message on ``te/device/main///cmd/restart/<id>`` (only ``init`` is acted on)."""
+        if not payload:
+            return  # the requester cleared the command
+        try:
+            command = json.loads(payload)
+        except ValueError:
+            log.warning("restart command %s is not JSON; ignored", command_id)
+            return
+        if not isinstance(command, dict) or command.get("status") != "init":
+            return
+        state = self._state()
+        if command_id in state.get("recent", []):
+            log.info("restart command %s was already handled; ignored", command_id)
+            return
+        self._spawn(self._execute(command_id, command))
+
+    def start(self, command_id: str) -> None:
+        """Start a restart without a requester on the bus (RPC ``reboot``)."""
+        self._spawn(self._execute(command_id, {"status": "init"}))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def resume(self) -> None:
+        """At start: resolve a restart that was executing when the gateway stopped, and
+        publish an outcome that was decided but not yet acknowledged."""
+        state = self._state()
+        pending = state.get("pending")
+        if not isinstance(pending, dict):
+            return
+        command = dict(pending.get("command", {}))
+        if pending.get("phase") == "executing":
+            try:
+                boot_id = read_boot_id(self.settings.boot_id_file)
+            except OSError as exc:
+                boot_id = ""
+                log.error("restart %s: cannot read the boot id: %s", pending.get("id"), exc)
+            if boot_id and boot_id != pending.get("boot_id"):
+                command["status"] = "successful"
+                command.pop("reason", None)
+                log.info("restart %s: the device restarted (new boot id)", pending.get("id"))
+            else:
+                command["status"] = "failed"
+                command["reason"] = ("The gateway restarted but the device did not (same boot "
+                                     "id)" if boot_id else "Cannot tell whether the device "
+                                     "restarted: the boot id cannot be read")
+                log.error("restart %s failed: %s", pending.get("id"), command["reason"])
+            pending["phase"] = "final"
+            pending["command"] = command
+            state["pending"] = pending
+            self._save(state)
+        self._busy = True
+        self._spawn(self._finish(pending))
+
+    # -- the state machine ----------------------------------------------------------------
+
+    async def _execute(self, command_id: str, command: dict[str, Any]) -> None:
+        topic = f"{RESTART_CAPABILITY}/{command_id}"
+        state = self._state()
+        if self._busy or isinstance(state.get("pending"), dict):
+            other = (state.get("pending") or {}).get("id", "another command")
+            refused = {**command, "status": "failed",
+                       "reason": f"Another restart ({other}) is in progress"}
+            log.warning("restart %s refused: %s", command_id, refused["reason"])
+            self._remember(state, command_id)
+            self._save(state)
+            await self._publish(topic, refused)
+            return
+        self._busy = True
+        try:
+            boot_id = read_boot_id(self.settings.boot_id_file)
+        except OSError as exc:
+            await self._fail_now(command_id, command, state,
+                                 f"Cannot read the boot id from "
+                                 f"{self.settings.boot_id_file}: {exc}")
+            return
+        command = {**command, "status": "executing"}
+        pending = {"id": command_id, "topic": topic, "command": command, "boot_id": boot_id,
+                   "phase": "executing", "started_ms": time.time_ns() // 1_000_000,
+                   "via_bus": self.bus_connected.is_set()}
+        state["pending"] = pending
+        self._remember(state, command_id)
+        self._save(state)
+        self.report({"restart_status": "executing", "restart_reason": "",
+                     "restart_id": command_id})
+        if pending["via_bus"] and not await self._publish(topic, command):
+            await self._decide(pending, "failed", "The executing state could not be published "
+                                                  "on the local broker")
+            return
+        log.warning("restart %s: running %s", command_id, self.settings.command)
+        reason = await self._run_reboot_command()
+        if reason is None:
+            # The device is going down; the gateway will be stopped on the way.
+            await asyncio.sleep(self.settings.timeout_s)
+            reason = (f"The device has not restarted within "
+                      f"{describe_timeout(self.settings.timeout_s)}")
+        await self._decide(pending, "failed", reason)
+
+    async def _run_reboot_command(self) -> str | None:
+        """None when the command ran and exited 0, else why the restart failed."""
+        argv = self.settings.command
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            return f"The reboot command {argv[0]!r} cannot be started: {exc.strerror or exc}"
+        try:
+            output, _ = await asyncio.wait_for(proc.communicate(), self.settings.timeout_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            return (f"The reboot command did not finish within "
+                    f"{describe_timeout(self.settings.timeout_s)}")
+        if proc.returncode != 0:
+            tail = output.decode(errors="replace").strip()[-OUTPUT_TAIL:]
+            return (f"The reboot command exited with code {proc.returncode}"
+                    + (f": {tail}" if tail else ""))
+        return None
+
+    async def _fail_now(self, command_id: str, command: dict[str, Any],
+                        state: dict[str, Any], reason: str) -> None:
+        pending = {"id": command_id, "topic": f"{RESTART_CAPABILITY}/{command_id}",
+                   "command": command, "phase": "executing", "boot_id": "",
+                   "via_bus": self.bus_connected.is_set()}
+        state["pending"] = pending
+        self._save(state)
+        await self._decide(pending, "failed", reason)
+
+    async def _decide(self, pending: dict[str, Any], status: str, reason: str) -> None:
+        command = {**pending["command"], "status": status}
+        if status == "failed":
+            command["reason"] = reason
+            log.error("restart %s failed: %s", pending["id"], reason)
+        pending = {**pending, "command": command, "phase": "final"}
+        state = self._state()
+        state["pending"] = pending
+        self._save(state)
+        await self._finish(pending)
+
+    async def _finish(self, pending: dict[str, Any]) -> None:
+        """Report the outcome, publish it, and forget the command once it is published."""
+        command = pending["command"]
+        command_id = str(pending.get("id"))
+        self.report({"restart_status": command.get("status"),
+                     "restart_reason": command.get("reason", ""), "restart_id": command_id})
+        topic = pending.get("topic") or f"{RESTART_CAPABILITY}/{command_id}"
+        if pending.get("via_bus", True):
+            published = await self._publish(topic, command)
+            if published and command_id.startswith(RPC_PREFIX):
+                await self._publish(topic, None)
+            if not published:
+                log.warning("restart %s: outcome not yet published; retried at next start",
+                            command_id)
+                self._busy = False
+                return
+        state = self._state()
+        state.pop("pending", None)
+        self._save(state)
+        self._busy = False
+
+    async def _publish(self, topic: str, command: dict[str, Any] | None) -> bool:
+        """Publish retained with QoS 1 and wait for the PUBACK, across reconnects, for up
+        to a minute. ``None`` clears the topic."""
+        payload = b"" if command is None else json.dumps(command).encode()
+        deadline = time.monotonic() + PUBLISH_PATIENCE_S
+        while time.monotonic() < deadline:
+            remaining = deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(self.bus_connected.wait(), remaining)
+                await asyncio.wait_for(self.bus_publish(topic, payload), 10.0)
+                return True
+            except (ConnectionLost, TimeoutError):
+                await asyncio.sleep(0.2)
+        return False
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
