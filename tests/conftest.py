@@ -24,6 +24,8 @@ FAST_CONFIG: dict[str, dict[str, Any]] = {
     "thingsboard": {"reconnect_min_s": 0.2, "reconnect_max_s": 1.0,
                     "provision_timeout_s": 2.0},
     "health": {"interval_s": 1.0},
+    # No local broker unless a test gives one (a system mosquitto on 1883 must not leak in).
+    "local_mqtt": {"enabled": False},
 }
 
 

@@ -29,21 +29,32 @@ from teg_gateway.cloud.provision import device_name, ensure_credentials
 from teg_gateway.cloud.session import CloudSession
 from teg_gateway.config import Settings, level_number
 from teg_gateway.controller.queue import QueueIntake
+from teg_gateway.controller.runtime import make_runtime
+from teg_gateway.controller.supervisor import Supervisor, controller_state_file
+from teg_gateway.local.bus import SERVICE_NAME, LocalBus
+from teg_gateway.local.topics import Mapped
 from teg_gateway.logs import CloudLogHandler
+from teg_gateway.mqttlink import ConnectionLost
+from teg_gateway.operations.commands import GatewayControls, register_gateway_rpc
+from teg_gateway.operations.controller_rpc import register_controller_rpc
+from teg_gateway.operations.restart import RestartOperation
 from teg_gateway.operations.rpc import RpcDispatcher
 from teg_gateway.store.db import is_corruption, is_disk_full
 from teg_gateway.store.outbox import TELEMETRY, now_ms
-from teg_gateway.store.state import cloud_state
+from teg_gateway.store.state import cloud_state, state_dir
 from teg_gateway.store.stores import Stores
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FORCED = 3
+EXIT_TASK_FAILED = 4
 MAINTENANCE_PERIOD_S = 60.0
 LAG_PERIOD_S = 0.25
 LOG_FLUSH_PERIOD_S = 0.2
 ERROR_REPEAT_S = 60.0
+# While connected, intake pauses when this many batches wait in the outbox unsent.
+BACKLOG_BATCHES = 4
 
 
 class LagMonitor:
@@ -81,14 +92,45 @@ class Gateway:
         self.attribute_listeners: list[Callable[[dict[str, Any]], None]] = []
         self.session: CloudSession | None = None
         self.forwarder: Forwarder | None = None
-        self.rpc: RpcDispatcher | None = None
+        self.rpc = RpcDispatcher(self._send_rpc_reply)
         self.controller_started_ms: Callable[[], int | None] = lambda: None
+        self.supervisor: Supervisor | None = None
+        controller_state = controller_state_file(settings)
+        runtime = make_runtime(settings, controller_state)
+        if runtime is not None:
+            self.supervisor = Supervisor(
+                runtime, settings, controller_state,
+                last_health_check_ms=self._controller_health_check_ms,
+                report=self.report_telemetry,
+                request_sw_version=self._request_sw_version)
+            self.controller_started_ms = self.supervisor.started_at_ms
+        self.bus_connected = asyncio.Event()
+        self.bus: LocalBus | None = None
+        if settings.local_mqtt.enabled:
+            self.bus = LocalBus(settings.local_mqtt, self._on_local_mapped,
+                                self._on_restart_command, self._on_service_health)
+            self.bus_connected = self.bus.connected
+        self.restart = RestartOperation(settings.restart,
+                                        state_dir(settings.data_dir) / "restart.json",
+                                        self._bus_publish_retained, self.bus_connected,
+                                        self.report_telemetry)
+        register_gateway_rpc(self.rpc, GatewayControls(
+            stores=self.stores, rpc_settings=settings.rpc, restart=self.restart,
+            bus_publish=self._bus_publish_retained, bus_connected=self.bus_connected,
+            status=self.status_values, report=self.report_telemetry,
+            request_stop=self.request_stop, wake_forwarder=self._poke_forwarder))
+        register_controller_rpc(self.rpc, self.supervisor)
+        self.rpc.register("init_files", "reset the file-management client attributes "
+                          "(remote file management is not in this version yet)",
+                          self._rpc_init_files)
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._intake_task: asyncio.Task[Any] | None = None
         self._session_task: asyncio.Task[Any] | None = None
         self._last_reported: dict[str, float] = {}
         self.records_in = 0
+        self._dropped_unreported = 0
+        self.exit_code = EXIT_OK
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -105,6 +147,13 @@ class Gateway:
             self.stores.open()
             for problem in self.stores.problems:
                 self.stores.outbox.put_telemetry({"gateway_problem": problem})
+            # The controller, the local bus and a pending restart do not wait for
+            # ThingsBoard: the device keeps working offline and unprovisioned.
+            if self.supervisor is not None:
+                self._start(self.supervisor.run())
+            if self.bus is not None:
+                self._start(self.bus.run())
+            await self.restart.resume()
             provisioning = asyncio.ensure_future(ensure_credentials(settings))
             stop_wait = asyncio.ensure_future(self._stopping.wait())
             # Intake runs while provisioning waits for an answer: nothing queues up in the
@@ -116,7 +165,7 @@ class Gateway:
             if self._stopping.is_set():
                 provisioning.cancel()
                 await self._shutdown()
-                return EXIT_OK
+                return self.exit_code
             stop_wait.cancel()
             _created, creds = provisioning.result()
             self._connect_cloud(creds)
@@ -124,7 +173,7 @@ class Gateway:
             self._start(self._maintenance_loop())
             await self._stopping.wait()
             await self._shutdown()
-            return EXIT_OK
+            return self.exit_code
         finally:
             logging.getLogger().removeHandler(self.cloud_logs)
 
@@ -136,8 +185,6 @@ class Gateway:
         self.forwarder = Forwarder(self.stores.outbox, self.session,
                                    self.settings.outbox.max_inflight,
                                    self.settings.outbox.puback_timeout_s, self._on_db_error)
-        self.rpc = RpcDispatcher(self._send_rpc_reply)
-        self.rpc.register("ping", "answers pong", self._rpc_ping)
         self._session_task = self._start(self.session.run())
         self._start(self.forwarder.run())
 
@@ -154,6 +201,7 @@ class Gateway:
         if exc is not None:
             log.critical("a main loop task failed: %r; shutting down so the service manager "
                          "restarts the gateway", exc, exc_info=exc)
+            self.exit_code = EXIT_TASK_FAILED
             self.request_stop()
 
     def request_stop(self) -> None:
@@ -188,6 +236,15 @@ class Gateway:
 
     async def _shutdown(self) -> None:
         shutdown = self.settings.shutdown
+        if self.supervisor is not None:
+            try:
+                await asyncio.wait_for(self.supervisor.shutdown(),
+                                       self.settings.controller.stop_grace_s + 5.0)
+            except TimeoutError:
+                log.error("shutdown: the controller did not stop in time")
+        await self.restart.close()
+        if self.bus is not None:
+            await self.bus.stop()
         if self._intake_task is not None:
             self._intake_task.cancel()
         if self.forwarder is not None:
@@ -218,18 +275,23 @@ class Gateway:
         while True:
             try:
                 conn = self.stores.conn
+                if self._backlogged():
+                    # Connected and the outbox already holds plenty to send: let the
+                    # forwarder catch up; the rows wait, durably, in the controller queue.
+                    await asyncio.sleep(poll)
+                    continue
                 if self.intake.has_rows(conn):
                     result = self.intake.move_batch(conn)
                     self.records_in += result.forwarded
                     if result.forwarded and self.forwarder is not None:
                         self.forwarder.poke()
-                    dropped = self.stores.outbox.enforce_quota(quota)
-                    if dropped:
-                        self._report_every("quota", logging.WARNING,
-                                           f"outbox over its quota of "
-                                           f"{self.settings.outbox.quota_mb:g} MB: dropped the "
-                                           f"{dropped} oldest telemetry records (they stay in "
-                                           "the archive)")
+                    self._dropped_unreported += self.stores.outbox.enforce_quota(quota)
+                    if self._dropped_unreported and self._report_every(
+                            "quota", logging.WARNING,
+                            f"outbox over its quota of {self.settings.outbox.quota_mb:g} MB: "
+                            f"dropped the {self._dropped_unreported} oldest telemetry records "
+                            "(they stay in the archive)"):
+                        self._dropped_unreported = 0
                     if result.taken >= self.intake.batch_size:
                         await asyncio.sleep(0)
                         continue
@@ -244,6 +306,11 @@ class Gateway:
                     self._on_db_error(exc, "controller queue intake")
                 await asyncio.sleep(1.0)
             await asyncio.sleep(poll)
+
+    def _backlogged(self) -> bool:
+        if self.session is None or not self.session.connected.is_set():
+            return False
+        return self.stores.outbox.unsent() > BACKLOG_BATCHES * self.intake.batch_size
 
     def _on_db_error(self, exc: BaseException, where: str = "outbox") -> None:
         if is_disk_full(exc):
@@ -262,12 +329,14 @@ class Gateway:
             if self.forwarder is not None:
                 self.forwarder.outbox = self.stores.outbox
 
-    def _report_every(self, key: str, level: int, text: str) -> None:
-        """Log ``text``, but the same kind of problem at most once a minute."""
+    def _report_every(self, key: str, level: int, text: str) -> bool:
+        """Log ``text``, but the same kind of problem at most once a minute; True if logged."""
         now = time.monotonic()
         if now - self._last_reported.get(key, -ERROR_REPEAT_S) >= ERROR_REPEAT_S:
             self._last_reported[key] = now
             log.log(level, "%s", text)
+            return True
+        return False
 
     # -- periodic work --------------------------------------------------------------------
 
@@ -323,6 +392,8 @@ class Gateway:
             last_check = 0
         if last_check:
             values["ms_since_last_controller_health_check"] = now - last_check
+        if self.supervisor is not None:
+            values.update(self.supervisor.health_values(now))
         return values
 
     async def _maintenance_loop(self) -> None:
@@ -392,8 +463,76 @@ class Gateway:
 
         fut.add_done_callback(delivered)
 
-    async def _rpc_ping(self, _params: dict[str, Any]) -> Any:
-        return "pong"
+    async def _rpc_init_files(self, _params: dict[str, Any]) -> Any:
+        return "remote file management is not in this version of the gateway yet: nothing to reset"
+
+    # -- glue between the parts ------------------------------------------------------------
+
+    def report_telemetry(self, values: dict[str, Any]) -> None:
+        """Gateway telemetry for ThingsBoard, through the outbox."""
+        try:
+            self.stores.outbox.put_telemetry(values)
+        except sqlite3.Error as exc:
+            self._on_db_error(exc, "gateway telemetry")
+            return
+        self._poke_forwarder()
+
+    def _poke_forwarder(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.poke()
+
+    def _on_local_mapped(self, mapped: Mapped) -> None:
+        try:
+            if mapped.telemetry:
+                self.stores.outbox.put_telemetry(mapped.telemetry, mapped.ts_ms)
+            if mapped.attributes:
+                self.stores.outbox.put_attributes(mapped.attributes)
+        except sqlite3.Error as exc:
+            self._on_db_error(exc, "local bus")
+            return
+        self._poke_forwarder()
+
+    def _on_restart_command(self, command_id: str, payload: bytes) -> None:
+        self.restart.on_command(command_id, payload)
+
+    def _on_service_health(self, name: str, status: str) -> None:
+        if self.supervisor is not None and name != SERVICE_NAME:
+            self.supervisor.note_health(status)
+
+    def _bus_publish_retained(self, topic: str, payload: bytes) -> asyncio.Future[None]:
+        if self.bus is None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.set_exception(ConnectionLost("the local broker is disabled"))
+            return fut
+        return self.bus.publish(topic, payload, retain=True)
+
+    def _controller_health_check_ms(self) -> int:
+        try:
+            return self.intake.last_health_check_ms(self.stores.conn)
+        except sqlite3.Error:
+            return 0
+
+    def _request_sw_version(self) -> None:
+        if self.session is not None and self.session.connected.is_set():
+            self.session.request_shared_attributes(["sw_title", "sw_version"])
+
+    def status_values(self) -> dict[str, Any]:
+        """The RPC ``status`` answer (without the version)."""
+        outbox = self.stores.outbox
+        session = self.session
+        return {
+            "uptime_s": round((now_ms() - self.started_ms) / 1000, 1),
+            "thingsboard": "connected" if session and session.connected.is_set()
+            else (session.last_error if session else "not provisioned yet") or "connecting",
+            "reconnects": session.reconnects if session else 0,
+            "local_broker": "connected" if self.bus_connected.is_set()
+            else ("disabled" if self.bus is None else "not connected"),
+            "outbox_depth": outbox.depth(),
+            "outbox_oldest_age_ms": outbox.oldest_age_ms() or 0,
+            "controller": self.supervisor.state if self.supervisor else "not supervised",
+            "controller_version": self.supervisor.version if self.supervisor else None,
+            "restart_pending": (self.restart.pending() or {}).get("id"),
+        }
 
     def _publish_sys_info(self) -> None:
         info = {

@@ -20,6 +20,10 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 Reply = Callable[[str, dict[str, Any]], None]
 
 
+# ThingsBoard forgets an RPC after about 10 s (the dispatcher gives up after 8 s): work
+# that takes longer goes on, and the reply says so.
+REPLY_WITHIN_S = 6.0
+
 # The id of the request being served (each request runs in its own task).
 current_request_id: ContextVar[str] = ContextVar("current_request_id", default="")
 
@@ -43,7 +47,7 @@ class RpcDispatcher:
         self._reply = reply
         self.timeout_s = timeout_s
         self.methods: dict[str, Method] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self.register("list", "every method with a one-line description and its params",
                       self._list)
 
@@ -54,6 +58,30 @@ class RpcDispatcher:
     async def _list(self, _params: dict[str, Any]) -> Any:
         return {m.name: {"description": m.description, "params": m.params}
                 for m in sorted(self.methods.values(), key=lambda m: m.name)}
+
+    async def result_or_progress(
+            self, work: Awaitable[Any], still_running: str,
+            on_late_result: Callable[[Any, BaseException | None], None] | None = None,
+            within_s: float = REPLY_WITHIN_S) -> Any:
+        """The result of ``work`` if it finishes within ``within_s``; otherwise
+        ``still_running``, and the work goes on (``on_late_result`` gets its result or
+        error when it ends)."""
+        task = asyncio.ensure_future(work)
+        done, _ = await asyncio.wait({task}, timeout=within_s)
+        if task in done:
+            return task.result()
+        self._tasks.add(task)
+
+        def finished(t: asyncio.Future[Any]) -> None:
+            self._tasks.discard(t)
+            if t.cancelled():
+                return
+            error = t.exception()
+            if on_late_result is not None:
+                on_late_result(None if error else t.result(), error)
+
+        task.add_done_callback(finished)
+        return still_running
 
     def handle(self, request_id: str, payload: bytes) -> None:
         """Serve one request (called from the MQTT message handler)."""
@@ -104,3 +132,13 @@ def parse_request(payload: bytes) -> tuple[str, dict[str, Any]]:
     if not isinstance(params, dict):
         raise RpcError("params must be a JSON object")
     return method, params
+
+
+
+
+
+def require_int(params: dict[str, Any], name: str) -> int:
+    value = params.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RpcError(f"param {name!r} must be an integer, got {value!r}")
+    return value

@@ -134,6 +134,12 @@ class Outbox:
             self._ahead.extend(rows)
             self._read_upto = rows[-1][0]
 
+    def unsent(self) -> int:
+        """Rows not yet handed to the forwarder (an estimate from ids; cheap)."""
+        row = self.conn.execute("SELECT max(id) FROM outbox").fetchone()
+        newest = int(row[0]) if row and row[0] is not None else 0
+        return max(0, newest - self._read_upto) + len(self._ahead)
+
     def rewind(self) -> None:
         """Forget what was handed out: the next batch starts at the oldest row again."""
         self._read_upto = 0
