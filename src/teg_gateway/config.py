@@ -426,3 +426,7 @@ def settings_markdown() -> str:
         lines.append(f"| `{name}` | {f'`{env}`' if env else ''} | "
                      f"{f'`{default}`' if default else ''} | {doc} |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(settings_markdown())

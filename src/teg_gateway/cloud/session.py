@@ -123,6 +123,8 @@ class CloudSession:
                 log.exception("on-disconnect handler failed")
         if self._stopping.is_set():
             await conn.close("gateway shutting down")
+            self.state.update(last_result="disconnected: the gateway stopped",
+                              last_failure_ms=time.time_ns() // 10**6)
             return
         await conn.close()
         if time.monotonic() - started >= STABLE_AFTER_S:

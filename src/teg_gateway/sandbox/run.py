@@ -98,7 +98,8 @@ def _report(tb: FakeThingsBoard, count: int, gateway_rc: int, workdir: Path,
     duplicates = sum(n - 1 for n in counts.values() if n > 1)
     telemetry = tb.telemetry()
     health = [r for r in telemetry if "outbox_depth" in r["values"]]
-    logs = [r for r in telemetry if "severity" in r["values"]]
+    logs = [r for r in telemetry
+            if str(r["values"].get("message", "")).startswith("GATEWAY - ")]
     _say("")
     _say("What ThingsBoard received")
     _say(f"  provisioning requests: {len(tb.provision_requests)} "
@@ -109,7 +110,8 @@ def _report(tb: FakeThingsBoard, count: int, gateway_rc: int, workdir: Path,
     if seqs:
         last = next(r for r in reversed(telemetry) if "seq" in r["values"])
         _say(f"  last record:           {json.dumps(last)}")
-    _say(f"  controller log records: {sum(1 for r in telemetry if 'message' in r['values'])}")
+    controller_logs = sum(1 for r in telemetry if "message" in r["values"]) - len(logs)
+    _say(f"  controller log records: {controller_logs}")
     _say(f"  gateway log records:   {len(logs)}")
     if health:
         _say(f"  last health telemetry: {json.dumps(health[-1]['values'])}")
