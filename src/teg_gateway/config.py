@@ -192,6 +192,30 @@ class ControllerSettings:
 
 
 @dataclass
+class FilesSettings:
+    allowed_dirs: list[str] = list_setting(
+        [], "directories managed files may be written in (default: the controller data "
+            "directory only)")
+    max_bytes: int = setting(1024 * 1024, "largest managed file", check="positive")
+    poll_interval_s: float = setting(5.0, "how often managed files are checked for local "
+                                          "changes", check="positive")
+
+
+@dataclass
+class OtaSettings:
+    chunk_size: int = setting(16384, "bytes asked for per chunk of a package download",
+                              check="chunk")
+    health_timeout_s: float = setting(120.0, "a new version must give a health signal within "
+                                             "this long, or it is rolled back",
+                                      check="positive")
+    keep_versions: int = setting(3, "controller versions kept on disk", check="positive")
+    chunk_timeout_s: float = setting(30.0, "a chunk not answered this long is asked again",
+                                     check="positive")
+    max_package_bytes: int = setting(512 * 1024 * 1024, "largest package accepted",
+                                     check="positive")
+
+
+@dataclass
 class Settings:
     thingsboard: ThingsBoardSettings = field(default_factory=ThingsBoardSettings)
     paths: PathSettings = field(default_factory=PathSettings)
@@ -205,6 +229,8 @@ class Settings:
     restart: RestartSettings = field(default_factory=RestartSettings)
     rpc: RpcSettings = field(default_factory=RpcSettings)
     controller: ControllerSettings = field(default_factory=ControllerSettings)
+    files: FilesSettings = field(default_factory=FilesSettings)
+    ota: OtaSettings = field(default_factory=OtaSettings)
 
     # Derived paths, resolved once by `load_settings`.
     @property
@@ -312,6 +338,8 @@ def _check(value: Any, check: str | None, where: str) -> None:
         raise ConfigError(f"setting {where}: must be process, docker or none, got {value!r}")
     if check == "stop_on_shutdown" and value not in ("auto", "always", "never"):
         raise ConfigError(f"setting {where}: must be auto, always or never, got {value!r}")
+    if check == "chunk" and not 256 <= value <= 60000:
+        raise ConfigError(f"setting {where}: must be from 256 to 60000 bytes, got {value}")
     if check == "level" and value.upper() not in LOG_LEVELS:
         raise ConfigError(f"setting {where}: must be one of DEBUG, INFO, WARN, ERROR, "
                           f"got {value!r}")
