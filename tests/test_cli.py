@@ -158,7 +158,8 @@ def test_status_after_the_gateway_forwarded_records_and_while_it_cannot_connect(
     assert re.fullmatch(r"100 accepted, \d+ sent, 0 dropped \(quota\), 0 dead letters",
                         status["records"]), status["records"]
     assert re.fullmatch(r"100 records, \d+\.\d MiB", status["archive"]), status["archive"]
-    assert re.fullmatch(r"connected \(.+ ago\)", status["last connection"])
+    assert re.fullmatch(r"disconnected: the gateway stopped \(.+ ago\)",
+                        status["last connection"]), status["last connection"]
     health = re.fullmatch(r"(.+) ago", status["controller health check"])
     assert health, status["controller health check"]
     assert seconds(health[1]) >= 89
