@@ -20,14 +20,10 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-QUEUE_DB_NAME = "communication_queue.db"
+from teg_gateway.controller.queue import QUEUE_FILE, QUEUE_SCHEMA
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-  id INTEGER PRIMARY KEY AUTOINCREMENT, type TEXT, message TEXT);
-CREATE TABLE IF NOT EXISTS health_check (
-  id INTEGER PRIMARY KEY, timestamp_ms INTEGER);
-"""
+# The sample controller writes the same schema the gateway reads (SPEC.md section 4).
+QUEUE_DB_NAME = QUEUE_FILE
 
 
 def now_ms() -> int:
@@ -43,7 +39,7 @@ def open_queue_db(controller_data: Path, *, check_same_thread: bool = True) -> s
     )
     connection.execute("PRAGMA busy_timeout = 5000")
     connection.execute("PRAGMA journal_mode = WAL")
-    connection.executescript(_SCHEMA)
+    connection.executescript(QUEUE_SCHEMA)
     connection.commit()
     return connection
 
