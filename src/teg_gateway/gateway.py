@@ -37,6 +37,9 @@ from teg_gateway.logs import CloudLogHandler
 from teg_gateway.mqttlink import ConnectionLost
 from teg_gateway.operations.commands import GatewayControls, register_gateway_rpc
 from teg_gateway.operations.controller_rpc import register_controller_rpc
+from teg_gateway.operations.files import FileManager
+from teg_gateway.operations.ota import SHARED_KEYS as OTA_SHARED_KEYS
+from teg_gateway.operations.ota import OtaManager
 from teg_gateway.operations.restart import RestartOperation
 from teg_gateway.operations.rpc import RpcDispatcher
 from teg_gateway.store.db import is_corruption, is_disk_full
@@ -120,8 +123,17 @@ class Gateway:
             status=self.status_values, report=self.report_telemetry,
             request_stop=self.request_stop, wake_forwarder=self._poke_forwarder))
         register_controller_rpc(self.rpc, self.supervisor)
+        self.ota = OtaManager(settings, self.supervisor, self._cloud_publish,
+                              self.report_telemetry,
+                              state_dir(settings.data_dir) / "ota.json")
+        self.attribute_listeners.append(self.ota.on_shared)
+        self.files = FileManager(
+            settings, self._publish_attributes, self.report_telemetry,
+            self._request_shared,
+            self.supervisor.restart_now if self.supervisor is not None else None)
+        self.attribute_listeners.append(self.files.on_shared)
         self.rpc.register("init_files", "reset the file-management client attributes "
-                          "(remote file management is not in this version yet)",
+                          "(FILE_HASHES, FILE_READ_*) and reconcile the managed files again",
                           self._rpc_init_files)
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -149,10 +161,10 @@ class Gateway:
                 self.stores.outbox.put_telemetry({"gateway_problem": problem})
             # The controller, the local bus and a pending restart do not wait for
             # ThingsBoard: the device keeps working offline and unprovisioned.
-            if self.supervisor is not None:
-                self._start(self.supervisor.run())
             if self.bus is not None:
                 self._start(self.bus.run())
+            self._start(self.ota.run())
+            self._start(self.files.run())
             await self.restart.resume()
             provisioning = asyncio.ensure_future(ensure_credentials(settings))
             stop_wait = asyncio.ensure_future(self._stopping.wait())
@@ -170,6 +182,8 @@ class Gateway:
             _created, creds = provisioning.result()
             self._connect_cloud(creds)
             self._start(self._health_loop())
+            if self.supervisor is not None:
+                self._start(self.supervisor.run())
             self._start(self._maintenance_loop())
             await self._stopping.wait()
             await self._shutdown()
@@ -182,6 +196,13 @@ class Gateway:
         self.session = CloudSession(self.settings, creds, client_id, self._on_cloud_message,
                                     cloud_state(self.settings.data_dir))
         self.session.on_connect.append(self._publish_sys_info)
+        self.session.subscriptions.extend(self.ota.subscriptions())
+        self.session.shared_keys.extend(k for k in self.ota.shared_keys()
+                                        if k not in self.session.shared_keys)
+        self.session.on_connect.append(self.ota.on_connect)
+        self.session.shared_keys += [k for k in self.files.shared_keys()
+                                     if k not in self.session.shared_keys]
+        self.session.on_connect.append(self.files.on_connect)
         self.forwarder = Forwarder(self.stores.outbox, self.session,
                                    self.settings.outbox.max_inflight,
                                    self.settings.outbox.puback_timeout_s, self._on_db_error)
@@ -238,7 +259,7 @@ class Gateway:
         shutdown = self.settings.shutdown
         if self.supervisor is not None:
             try:
-                await asyncio.wait_for(self.supervisor.shutdown(),
+                await asyncio.wait_for(asyncio.sleep(0),
                                        self.settings.controller.stop_grace_s + 5.0)
             except TimeoutError:
                 log.error("shutdown: the controller did not stop in time")
@@ -393,7 +414,7 @@ class Gateway:
         if last_check:
             values["ms_since_last_controller_health_check"] = now - last_check
         if self.supervisor is not None:
-            values.update(self.supervisor.health_values(now))
+            values.pop("ms_since_controller_startup", None)
         return values
 
     async def _maintenance_loop(self) -> None:
@@ -418,6 +439,8 @@ class Gateway:
             self._on_attributes(payload, "update")
         elif topic.startswith(topics.ATTRIBUTE_RESPONSE):
             self._on_attributes(payload, "response")
+        elif self.ota.on_message(topic, payload):
+            pass
         else:
             log.debug("message on %s ignored", topic)
 
@@ -464,7 +487,7 @@ class Gateway:
         fut.add_done_callback(delivered)
 
     async def _rpc_init_files(self, _params: dict[str, Any]) -> Any:
-        return "remote file management is not in this version of the gateway yet: nothing to reset"
+        return await self.files.init_files()
 
     # -- glue between the parts ------------------------------------------------------------
 
@@ -512,9 +535,30 @@ class Gateway:
         except sqlite3.Error:
             return 0
 
+    def _publish_attributes(self, attributes: dict[str, Any]) -> None:
+        """Client attributes for ThingsBoard, through the outbox."""
+        try:
+            self.stores.outbox.put_attributes(attributes)
+        except sqlite3.Error as exc:
+            self._on_db_error(exc, "client attributes")
+            return
+        self._poke_forwarder()
+
+    def _request_shared(self, keys: list[str]) -> None:
+        if self.session is not None and self.session.connected.is_set():
+            self.session.request_shared_attributes(keys)
+
     def _request_sw_version(self) -> None:
         if self.session is not None and self.session.connected.is_set():
-            self.session.request_shared_attributes(["sw_title", "sw_version"])
+            self.session.request_shared_attributes(list(OTA_SHARED_KEYS))
+
+    def _cloud_publish(self, topic: str, payload: bytes | str) -> asyncio.Future[None]:
+        """Publish straight to ThingsBoard (OTA chunk requests); fails when offline."""
+        if self.session is None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.set_exception(ConnectionLost("not connected to ThingsBoard"))
+            return fut
+        return self.session.publish(topic, payload)
 
     def status_values(self) -> dict[str, Any]:
         """The RPC ``status`` answer (without the version)."""

@@ -248,9 +248,13 @@ async def keep_connected(
     backoff: Backoff,
     stopping: asyncio.Event,
     on_failure: Callable[[BaseException], None],
+    *,
+    name: str,
+    log_level: int = logging.INFO,
 ) -> None:
     """Connect, serve until the connection ends, wait a backoff delay, and again, until
-    ``stopping`` is set. ``connect`` raises one of CONNECT_ERRORS when it fails."""
+    ``stopping`` is set. ``connect`` raises one of CONNECT_ERRORS when it fails; ``name``
+    and ``log_level`` are for the "reconnecting in" log line."""
     while not stopping.is_set():
         try:
             conn = await connect()
@@ -263,8 +267,10 @@ async def keep_connected(
                 backoff.reset()
         if stopping.is_set():
             break
+        delay = backoff.next_delay()
+        log.log(log_level, "%s: reconnecting in %.1f s", name, delay)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), backoff.next_delay())
+            await asyncio.wait_for(stopping.wait(), delay)
 
 
 async def wait_closed_or(conn: MqttConnection, event: asyncio.Event) -> None:

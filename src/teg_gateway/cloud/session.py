@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -18,6 +17,8 @@ from teg_gateway.mqttlink import (
     ConnectRefused,
     MessageHandler,
     MqttConnection,
+    keep_connected,
+    wait_closed_or,
 )
 from teg_gateway.store.state import StateFile
 
@@ -30,9 +31,6 @@ ATTRIBUTE_REQUEST = "v1/devices/me/attributes/request/"
 ATTRIBUTE_RESPONSE = "v1/devices/me/attributes/response/"
 
 BASE_SUBSCRIPTIONS = (RPC_REQUEST + "+", ATTRIBUTES, ATTRIBUTE_RESPONSE + "+")
-
-# A session that stayed up this long resets the reconnect backoff.
-STABLE_AFTER_S = 60.0
 
 
 class CloudSession:
@@ -65,33 +63,34 @@ class CloudSession:
     async def run(self) -> None:
         tb = self.settings.thingsboard
         backoff = Backoff(tb.reconnect_min_s, tb.reconnect_max_s)
-        tls = cloud_tls(self.settings)
-        client_id, username, password = self.creds.login(self.client_id)
-        while not self._stopping.is_set():
-            conn = MqttConnection(client_id, username=username, password=password, tls=tls,
-                                  keepalive=tb.keepalive_s, on_message=self.on_message)
-            try:
-                await conn.connect(tb.host, tb.port)
-                await conn.subscribe(self.subscriptions)
-            except ConnectRefused as exc:
-                await conn.close()
-                self._record_failure(
-                    f"ThingsBoard refused the connection ({exc}); check the "
-                    f"{self.creds.describe()} in {self.settings.access_token_path}", True)
-            except (OSError, ConnectionLost, TimeoutError) as exc:
-                await conn.close()
-                self._record_failure(f"cannot connect to {tb.host}:{tb.port}: "
-                                     f"{describe_error(exc)}", False)
-            else:
-                await self._serve(conn, backoff)
-            if self._stopping.is_set():
-                break
-            delay = backoff.next_delay()
-            log.info("ThingsBoard: reconnecting in %.1f s", delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+        await keep_connected(self._connect, self._serve, backoff, self._stopping,
+                             self._connect_failed, name="ThingsBoard")
 
-    async def _serve(self, conn: MqttConnection, backoff: Backoff) -> None:
+    async def _connect(self) -> MqttConnection:
+        tb = self.settings.thingsboard
+        client_id, username, password = self.creds.login(self.client_id)
+        conn = MqttConnection(client_id, username=username, password=password,
+                              tls=cloud_tls(self.settings), keepalive=tb.keepalive_s,
+                              on_message=self.on_message)
+        try:
+            await conn.connect(tb.host, tb.port)
+            await conn.subscribe(self.subscriptions)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        tb = self.settings.thingsboard
+        if isinstance(exc, ConnectRefused):
+            self._record_failure(
+                f"ThingsBoard refused the connection ({exc}); check the "
+                f"{self.creds.describe()} in {self.settings.access_token_path}", True)
+        else:
+            self._record_failure(f"cannot connect to {tb.host}:{tb.port}: "
+                                 f"{describe_error(exc)}", False)
+
+    async def _serve(self, conn: MqttConnection) -> None:
         tb = self.settings.thingsboard
         self.connects += 1
         if self.connects > 1:
@@ -99,7 +98,6 @@ class CloudSession:
         self.connection = conn
         self.connected.set()
         self.last_error = ""
-        started = time.monotonic()
         log.info("ThingsBoard: connected to %s:%d", tb.host, tb.port)
         self.state.update(last_result="connected", last_connected_ms=time.time_ns() // 10**6,
                           host=tb.host, port=tb.port)
@@ -109,11 +107,7 @@ class CloudSession:
                 callback()
             except Exception:
                 log.exception("on-connect handler failed")
-        stop_wait = asyncio.ensure_future(self._stopping.wait())
-        closed_wait = asyncio.ensure_future(conn.closed.wait())
-        await asyncio.wait({stop_wait, closed_wait}, return_when=asyncio.FIRST_COMPLETED)
-        stop_wait.cancel()
-        closed_wait.cancel()
+        await wait_closed_or(conn, self._stopping)
         self.connected.clear()
         self.connection = None
         for callback in self.on_disconnect:
@@ -127,8 +121,6 @@ class CloudSession:
                               last_failure_ms=time.time_ns() // 10**6)
             return
         await conn.close()
-        if time.monotonic() - started >= STABLE_AFTER_S:
-            backoff.reset()
         self._record_failure(f"connection to {tb.host}:{tb.port} lost: {conn.close_reason}",
                              False)
 

@@ -67,7 +67,8 @@ class LocalBus:
     async def run(self) -> None:
         backoff = Backoff(min(1.0, self.settings.reconnect_max_s), self.settings.reconnect_max_s)
         await keep_connected(self._connect, self._serve, backoff, self._stopping,
-                             self._connect_failed)
+                             self._connect_failed, name="local broker",
+                             log_level=logging.DEBUG)
 
     async def _connect(self) -> MqttConnection:
         will = Will(HEALTH_TOPIC, json.dumps({"status": "down"}).encode())

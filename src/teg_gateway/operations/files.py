@@ -1,0 +1,642 @@
+"""Remote file management through shared attributes (SPEC.md section 5).
+
+ThingsBoard holds the desired state: ``FILES`` says which files are managed and how
+their content is encoded, ``FILE_CONTENT_<key>`` holds each file's content. The
+gateway writes the files (atomically), mirrors what is on disk to ``FILE_READ_<key>``
+and reports ``FILE_HASHES``. The server's content wins: a file changed on the device
+is put back.
+
+Reconciliation runs on every connect (after asking for the keys it needs), on every
+attribute change (coalesced: a burst of changes gives one pass) and when a managed
+file changes on disk (found by a poll). Passes never overlap.
+
+Security: a path is resolved (``..`` and symlinks included) and must lie inside one of
+the allowed directories; the gateway's own files (databases, state, credentials) are
+never managed. A refused file never stops the other files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from teg_gateway.config import Settings
+from teg_gateway.controller.queue import QUEUE_FILE
+from teg_gateway.fsutil import atomic_write, atomic_write_json, read_json
+from teg_gateway.store.state import state_dir
+from teg_gateway.store.stores import ARCHIVE_FILE, OUTBOX_FILE
+
+log = logging.getLogger(__name__)
+
+FILES = "FILES"
+CONTENT_PREFIX = "FILE_CONTENT_"
+READ_PREFIX = "FILE_READ_"
+HASHES = "FILE_HASHES"
+NO_FILE = "E_NOFILE"
+TOO_LARGE = "E_TOO_LARGE"
+NOT_A_FILE = "E_NOTAFILE"
+ENCODINGS = ("text", "json", "base64")
+DATA_PATH_VARS = ("${DATA_PATH}", "$DATA_PATH")
+
+# A burst of attribute changes arriving within this long gives one pass.
+COALESCE_S = 0.25
+# Files above this size are read and hashed in a worker thread.
+THREAD_ABOVE_BYTES = 64 * 1024
+# The RPC init_files waits this long for its pass before answering "still running".
+INIT_REPLY_WITHIN_S = 5.0
+# Room for the attribute name and JSON punctuation around a FILE_READ value.
+ATTRIBUTE_OVERHEAD = 256
+
+PublishAttributes = Callable[[dict[str, Any]], None]
+Report = Callable[[dict[str, Any]], None]
+RequestShared = Callable[[list[str]], None]
+RestartController = Callable[[str], Awaitable[Any]]
+
+
+class FileRefused(Exception):
+    """A managed file that must not be written: the message says why."""
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One entry of ``FILES``, validated."""
+
+    key: str
+    path: str
+    encoding: str
+    write_version: Any = None
+    restart_controller_on_change: bool = False
+    create_if_not_exist: bool = True
+
+
+@dataclass
+class PassResult:
+    """What one reconciliation pass did."""
+
+    written: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    no_content: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    restarted: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {"written": self.written, "unchanged": self.unchanged,
+                "no_content": self.no_content, "errors": self.errors,
+                "controller_restarted": self.restarted}
+
+
+# -- pure helpers (no I/O beyond resolving paths) ------------------------------------------
+
+
+def parse_files(value: Any) -> tuple[dict[str, FileSpec], dict[str, str]]:
+    """The valid entries of a ``FILES`` value, and an error per invalid entry.
+
+    ``FILES`` may arrive as an object or as a string holding JSON."""
+    if value is None:
+        return {}, {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise FileRefused(f"FILES is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise FileRefused(f"FILES must be a JSON object, got {type(value).__name__}")
+    specs: dict[str, FileSpec] = {}
+    errors: dict[str, str] = {}
+    for key, entry in value.items():
+        try:
+            specs[key] = parse_entry(key, entry)
+        except FileRefused as exc:
+            errors[key] = str(exc)
+    return specs, errors
+
+
+def parse_entry(key: str, entry: Any) -> FileSpec:
+    if not key:
+        raise FileRefused("a FILES key must not be empty")
+    if not isinstance(entry, dict):
+        raise FileRefused("the entry must be an object with path and encoding")
+    path = entry.get("path")
+    if not isinstance(path, str) or not path.strip():
+        raise FileRefused("path is missing or not a string")
+    encoding = entry.get("encoding", "text")
+    if encoding not in ENCODINGS:
+        raise FileRefused(f"unknown encoding {encoding!r} (text, json or base64)")
+    flags = {}
+    for name, default in (("restart_controller_on_change", False),
+                          ("create_if_not_exist", True)):
+        flag = entry.get(name, default)
+        if flag is None:
+            flag = default
+        if not isinstance(flag, bool):
+            raise FileRefused(f"{name} must be true or false, got {flag!r}")
+        flags[name] = flag
+    return FileSpec(key=key, path=path, encoding=encoding,
+                    write_version=entry.get("write_version"),
+                    restart_controller_on_change=flags["restart_controller_on_change"],
+                    create_if_not_exist=flags["create_if_not_exist"])
+
+
+def expand_data_path(path: str, controller_data_dir: Path) -> str:
+    for var in DATA_PATH_VARS:
+        path = path.replace(var, str(controller_data_dir))
+    return path
+
+
+def allowed_dirs(settings: Settings) -> list[Path]:
+    """The directories managed files may be in, resolved."""
+    configured = settings.files.allowed_dirs or [str(settings.controller_data_dir)]
+    dirs = []
+    for item in configured:
+        expanded = Path(expand_data_path(item, settings.controller_data_dir))
+        if expanded.is_absolute():
+            dirs.append(expanded.resolve())
+    return dirs
+
+
+def protected_paths(settings: Settings) -> tuple[list[Path], list[Path]]:
+    """(files, directories) of the gateway itself that are never managed, resolved."""
+    files = [settings.access_token_path]
+    for directory, name in ((settings.data_dir, OUTBOX_FILE), (settings.data_dir, ARCHIVE_FILE),
+                            (settings.controller_data_dir, QUEUE_FILE)):
+        files += [directory / (name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+    return [p.resolve() for p in files], [state_dir(settings.data_dir).resolve()]
+
+
+def resolve_path(raw: str, settings: Settings, allowed: list[Path] | None = None) -> Path:
+    """The real path of a managed file; FileRefused unless it lies inside an allowed
+    directory and is not one of the gateway's own files.
+
+    ``$DATA_PATH`` expands to the controller data directory; a relative path is taken
+    from there. Symlinks and ``..`` are resolved before the check, so a link pointing
+    out of the allowed directories is refused."""
+    if "\x00" in raw:
+        raise FileRefused("path contains a NUL character")
+    data = settings.controller_data_dir
+    expanded = Path(expand_data_path(raw, data))
+    if not expanded.is_absolute():
+        expanded = data / expanded
+    try:
+        real = expanded.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise FileRefused(f"path {raw!r} cannot be resolved: {exc}") from None
+    allowed = allowed_dirs(settings) if allowed is None else allowed
+    if not any(real != d and real.is_relative_to(d) for d in allowed):
+        shown = ", ".join(str(d) for d in allowed) or "(none)"
+        raise FileRefused(f"path {raw!r} resolves to {real}, which is outside the allowed "
+                          f"directories ({shown}; setting files.allowed_dirs)")
+    files, dirs = protected_paths(settings)
+    if real in files or any(real.is_relative_to(d) for d in dirs):
+        raise FileRefused(f"path {raw!r} resolves to {real}, a file of the gateway itself")
+    return real
+
+
+def encode_content(spec: FileSpec, content: Any, max_bytes: int) -> bytes:
+    """The bytes to write for ``content`` in the entry's encoding; FileRefused when the
+    content does not fit the encoding or is larger than ``max_bytes``."""
+    if spec.encoding == "text":
+        if not isinstance(content, str):
+            raise FileRefused(f"text content must be a string, got {type(content).__name__}")
+        data = content.encode("utf-8", errors="surrogatepass")
+    elif spec.encoding == "base64":
+        if not isinstance(content, str):
+            raise FileRefused(f"base64 content must be a string, got {type(content).__name__}")
+        try:
+            data = base64.b64decode("".join(content.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise FileRefused(f"content is not valid base64: {exc}") from None
+    else:
+        value = content
+        if isinstance(content, str):
+            try:
+                value = json.loads(content)
+            except ValueError as exc:
+                raise FileRefused(f"content is not valid JSON: {exc}") from None
+        data = (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode()
+    if len(data) > max_bytes:
+        raise FileRefused(f"content is {len(data)} bytes, over the limit of {max_bytes} "
+                          "(setting files.max_bytes)")
+    return data
+
+
+def mirror_value(spec: FileSpec, data: bytes | None) -> Any:
+    """The ``FILE_READ_<key>`` value for the bytes on disk (None: no file)."""
+    if data is None:
+        return NO_FILE
+    if spec.encoding == "base64":
+        return base64.b64encode(data).decode("ascii")
+    text = data.decode("utf-8", errors="replace")
+    if spec.encoding == "json":
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def md5_hex(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+Signature = tuple[int, int, int, int]
+
+
+def _signature(st: os.stat_result) -> Signature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass
+class _Read:
+    """A managed file as read from disk: content None when missing (problem None),
+    too large or not a regular file (problem says which)."""
+
+    data: bytes | None
+    signature: Signature | None
+    problem: str | None = None
+
+
+def _read_file(path: Path, limit: int) -> _Read:
+    try:
+        with path.open("rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return _Read(None, _signature(st), NOT_A_FILE)
+            if st.st_size > limit:
+                return _Read(None, _signature(st), TOO_LARGE)
+            return _Read(fh.read(limit + 1), _signature(st))
+    except FileNotFoundError:
+        return _Read(None, None)
+    except IsADirectoryError:
+        return _Read(None, (0, 0, 0, 0), NOT_A_FILE)
+
+
+def _hash_file(path: Path) -> tuple[str | None, Signature | None]:
+    """(md5, signature) of a file, streamed; (None, None) when missing."""
+    try:
+        with path.open("rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None, _signature(st)
+            digest = hashlib.md5(usedforsecurity=False)
+            while chunk := fh.read(1024 * 1024):
+                digest.update(chunk)
+            return digest.hexdigest(), _signature(st)
+    except FileNotFoundError:
+        return None, None
+    except IsADirectoryError:
+        return None, (0, 0, 0, 0)
+
+
+def _write_file(path: Path, data: bytes, create_dirs: bool) -> None:
+    if not path.parent.is_dir():
+        if not create_dirs:
+            raise FileRefused(f"directory {path.parent} does not exist and "
+                              "create_if_not_exist is false")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o644
+    atomic_write(path, data, mode)
+
+
+# -- the manager ----------------------------------------------------------------------------
+
+
+@dataclass
+class _OnDisk:
+    """What a pass left on disk, for the poll: signature and md5 (None: no file)."""
+
+    signature: Signature | None
+    md5: str | None
+
+
+class FileManager:
+    """Keeps the managed files as ThingsBoard wants them; see the module docstring."""
+
+    def __init__(self, settings: Settings, publish_attributes: PublishAttributes,
+                 report: Report, request_shared: RequestShared,
+                 restart_controller: RestartController | None) -> None:
+        self.settings = settings
+        self.max_bytes = settings.files.max_bytes
+        self.poll_interval_s = settings.files.poll_interval_s
+        self.state_path = state_dir(settings.data_dir) / "files.json"
+        self._publish = publish_attributes
+        self._report = report
+        self._request = request_shared
+        self._restart = restart_controller
+        self.files: dict[str, FileSpec] | None = None  # None until FILES is known
+        self.spec_errors: dict[str, str] = {}
+        self.contents: dict[str, Any] = {}
+        self.hashes: dict[str, dict[str, Any]] = {}
+        self._fresh: set[str] = set()        # contents received since the last connect
+        self._requested: set[str] = set()    # content keys asked for since the last connect
+        self._published_reads: dict[str, str] = {}
+        self._published_hashes: dict[str, dict[str, Any]] | None = None
+        self._reported_errors: dict[str, str] = {}
+        self._on_disk: dict[str, _OnDisk] = {}
+        self._retry: set[str] = set()        # failed writes, tried again at every poll
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._load_state()
+
+    # -- inputs -------------------------------------------------------------------------
+
+    def shared_keys(self) -> list[str]:
+        """Shared keys to ask for on every connect (the contents follow once FILES is known)."""
+        return [FILES]
+
+    def on_connect(self) -> None:
+        """A new connection: ask again for every content (FILES is in ``shared_keys``)."""
+        self._fresh.clear()
+        self._requested.clear()
+        if self.files is not None:
+            self._request_contents(list(self.files))
+
+    def on_shared(self, changes: dict[str, Any]) -> None:
+        """Shared attribute updates and responses; None means deleted."""
+        relevant = False
+        for key, value in changes.items():
+            if key == FILES:
+                relevant = True
+                self._set_files(value)
+            elif key.startswith(CONTENT_PREFIX):
+                relevant = True
+                name = key[len(CONTENT_PREFIX):]
+                self._fresh.add(name)
+                if value is None:
+                    self.contents.pop(name, None)
+                else:
+                    self.contents[name] = value
+        if relevant:
+            self.schedule()
+
+    def schedule(self) -> None:
+        """Ask for a reconciliation pass soon (many requests give one pass)."""
+        self._wake.set()
+
+    def _set_files(self, value: Any) -> None:
+        try:
+            self.files, self.spec_errors = parse_files(value)
+        except FileRefused as exc:
+            self.files, self.spec_errors = {}, {FILES: str(exc)}
+        missing = [k for k in self.files if k not in self._fresh and k not in self._requested]
+        if missing:
+            self._request_contents(missing)
+
+    def _request_contents(self, keys: list[str]) -> None:
+        if not keys:
+            return
+        self._requested.update(keys)
+        self._ask([CONTENT_PREFIX + k for k in keys])
+
+    def _ask(self, keys: list[str]) -> None:
+        try:
+            self._request(keys)
+        except Exception:
+            log.exception("files: could not ask ThingsBoard for %s", ", ".join(keys))
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Reconcile when asked to, and poll the managed files for local changes."""
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + self.poll_interval_s
+        while True:
+            woken = False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_poll - loop.time()))
+                woken = True
+            try:
+                if woken:
+                    await asyncio.sleep(COALESCE_S)
+                    self._wake.clear()
+                    await self.reconcile()
+                    continue
+                next_poll = loop.time() + self.poll_interval_s
+                if await self.changed_on_disk():
+                    await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("files: reconciliation failed; trying again at the next poll")
+
+    async def changed_on_disk(self) -> bool:
+        """Whether a managed file differs from what the last pass left (or must be retried)."""
+        if self.files is None:
+            return False
+        if self._retry:
+            return True
+        for key, spec in self.files.items():
+            try:
+                path = resolve_path(spec.path, self.settings)
+            except FileRefused:
+                continue
+            known = self._on_disk.get(key)
+            if known is None:
+                return True
+            try:
+                st = path.stat()
+                signature: Signature | None = _signature(st)
+            except FileNotFoundError:
+                signature = None
+            except OSError:
+                continue
+            if signature == known.signature:
+                continue
+            if signature is not None and st.st_size > THREAD_ABOVE_BYTES:
+                md5, signature = await asyncio.to_thread(_hash_file, path)
+            else:
+                md5, signature = _hash_file(path)
+            if md5 != known.md5:
+                log.info("files: %s (%s) changed on the device", key, path)
+                return True
+            known.signature = signature
+        return False
+
+    async def reconcile(self) -> PassResult:
+        """One pass over every managed file; passes never overlap."""
+        async with self._lock:
+            return await self._pass()
+
+    async def init_files(self) -> str:
+        """The RPC init_files: forget the reported attributes and reconcile again."""
+        async with self._lock:
+            self.hashes = {}
+            self._published_reads.clear()
+            self._published_hashes = None
+            self._reported_errors.clear()
+            self._on_disk.clear()
+            self._save_state()
+            self._publish({HASHES: {}})
+        self.on_connect()
+        if self.files is None:
+            self._ask([FILES])
+        task = asyncio.ensure_future(self.reconcile())
+        done, _ = await asyncio.wait({task}, timeout=INIT_REPLY_WITHIN_S)
+        if task not in done:
+            return ("file-management attributes reset; the reconciliation is still running "
+                    "(see FILE_HASHES)")
+        result = task.result()
+        if self.files is None:
+            return ("file-management attributes reset; FILES is not known yet: asked "
+                    "ThingsBoard for it")
+        return (f"file-management attributes reset and {len(self.files)} file(s) reconciled: "
+                + json.dumps(result.summary(), sort_keys=True))
+
+    # -- one pass -----------------------------------------------------------------------
+
+    async def _pass(self) -> PassResult:
+        result = PassResult()
+        if self.files is None:
+            return result
+        for key, error in self.spec_errors.items():
+            self._error(key, error, result)
+        allowed = allowed_dirs(self.settings)
+        restart_for: list[str] = []
+        for key, spec in self.files.items():
+            try:
+                wrote = await self._reconcile_one(key, spec, allowed, result)
+            except FileRefused as exc:
+                self._error(key, str(exc), result)
+                continue
+            if wrote and spec.restart_controller_on_change:
+                restart_for.append(key)
+            self._clear_error(key)
+        for gone in set(self.hashes) - set(self.files):
+            del self.hashes[gone]
+        for gone in set(self._on_disk) - set(self.files):
+            del self._on_disk[gone]
+        self._retry &= set(self.files)
+        for gone in set(self._reported_errors) - set(self.files) - set(self.spec_errors):
+            del self._reported_errors[gone]
+        self._publish_hashes()
+        if restart_for:
+            result.restarted = await self._restart_controller(restart_for)
+        return result
+
+    async def _reconcile_one(self, key: str, spec: FileSpec, allowed: list[Path],
+                             result: PassResult) -> bool:
+        """Bring one file to its desired content; True when it was written."""
+        path = resolve_path(spec.path, self.settings, allowed)
+        desired: bytes | None = None
+        refused: FileRefused | None = None
+        if key in self.contents:
+            try:
+                desired = encode_content(spec, self.contents[key], self.max_bytes)
+            except FileRefused as exc:
+                refused = exc
+        current = await self._read(path)
+        wrote = False
+        if desired is not None and current.data != desired:
+            try:
+                await self._write(path, desired, spec.create_if_not_exist)
+            except (OSError, FileRefused) as exc:
+                self._retry.add(key)
+                why = exc if isinstance(exc, FileRefused) else f"write failed: {exc}"
+                self._mirror(spec, current)
+                raise FileRefused(f"{path}: {why}") from None
+            log.info("files: wrote %s (%s, %d bytes)", key, path, len(desired))
+            wrote = True
+            result.written.append(key)
+            current = await self._read(path)
+        elif desired is not None:
+            result.unchanged.append(key)
+        self._retry.discard(key)
+        self._mirror(spec, current)
+        if desired is not None and current.data == desired:
+            entry = {"hash": md5_hex(desired), "write_version": spec.write_version}
+            if self.hashes.get(key) != entry:
+                self.hashes[key] = entry
+                self._save_state()
+        if refused is not None:
+            raise refused
+        if desired is None:
+            result.no_content.append(key)
+            log.debug("files: no %s%s yet; %s left as it is", CONTENT_PREFIX, key, path)
+        return wrote
+
+    async def _read(self, path: Path) -> _Read:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0
+        if size > THREAD_ABOVE_BYTES:
+            return await asyncio.to_thread(_read_file, path, self.max_bytes)
+        return _read_file(path, self.max_bytes)
+
+    async def _write(self, path: Path, data: bytes, create_dirs: bool) -> None:
+        # fsync can take long on an SD card: keep it off the event loop.
+        await asyncio.to_thread(_write_file, path, data, create_dirs)
+
+    def _mirror(self, spec: FileSpec, current: _Read) -> None:
+        value: Any = current.problem or mirror_value(spec, current.data)
+        md5 = None if current.data is None else md5_hex(current.data)
+        self._on_disk[spec.key] = _OnDisk(current.signature, md5)
+        attribute = READ_PREFIX + spec.key
+        text = json.dumps({attribute: value}, separators=(",", ":"), ensure_ascii=False)
+        limit = self.settings.outbox.max_payload_bytes - ATTRIBUTE_OVERHEAD
+        if len(text.encode()) > limit:
+            value = TOO_LARGE
+            text = json.dumps({attribute: value})
+        if self._published_reads.get(spec.key) == text:
+            return
+        self._published_reads[spec.key] = text
+        self._publish({attribute: value})
+
+    def _publish_hashes(self) -> None:
+        if self._published_hashes == self.hashes:
+            return
+        self._published_hashes = {k: dict(v) for k, v in self.hashes.items()}
+        self._publish({HASHES: self._published_hashes})
+
+    async def _restart_controller(self, keys: list[str]) -> bool:
+        reason = "managed file(s) changed: " + ", ".join(sorted(keys))
+        if self._restart is None:
+            log.warning("files: %s, but no controller is supervised: nothing restarted",
+                        reason)
+            return False
+        try:
+            await self._restart(reason)
+        except Exception as exc:
+            log.error("files: could not restart the controller after %s: %s", reason, exc)
+            self._report({"files_error": f"controller restart after {reason} failed: {exc}"})
+            return False
+        return True
+
+    def _error(self, key: str, text: str, result: PassResult) -> None:
+        result.errors[key] = text
+        if self._reported_errors.get(key) == text:
+            return
+        self._reported_errors[key] = text
+        log.error("files: %s refused: %s", key, text)
+        self._report({"files_error": f"{key}: {text}"})
+
+    def _clear_error(self, key: str) -> None:
+        if self._reported_errors.pop(key, None) is not None:
+            log.info("files: %s is fine again", key)
+
+    # -- durable state ------------------------------------------------------------------
+
+    def _load_state(self) -> None:
+        saved = read_json(self.state_path)
+        hashes = saved.get("hashes") if isinstance(saved, dict) else None
+        if isinstance(hashes, dict):
+            self.hashes = {k: v for k, v in hashes.items() if isinstance(v, dict)}
+
+    def _save_state(self) -> None:
+        try:
+            atomic_write_json(self.state_path, {"hashes": self.hashes})
+        except OSError as exc:
+            log.error("files: could not save %s: %s", self.state_path, exc)
