@@ -70,6 +70,8 @@ def healthy(seconds):
     while not stopping and time.monotonic() < end:
         writer.write_record({"ctl_run": run, "ctl_seq": seq})
         writer.health_check()
+        if seq == 0:
+            (data / f"working-{os.getpid()}").touch()
         seq += 1
         time.sleep(0.1)
     writer.close()
@@ -83,6 +85,30 @@ if mode == "crash":
 if mode == "crash_once" and run == 1:
     print("crashing", flush=True)
     sys.exit(3)
+if mode.startswith("bus"):
+    # Health on the local bus only: {"status": "up"} every 0.2 s, the same text each time
+    # ("bus_same") or with the time in it ("bus_time").
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"controller-{os.getpid()}")
+    client.connect(sys.argv[2], int(sys.argv[3]))
+    client.loop_start()
+    topic = "te/device/main/service/test-controller/status/health"
+    end = time.monotonic() + 60
+    while not stopping and time.monotonic() < end:
+        health = {"status": "up"} if mode == "bus_same" else {"status": "up",
+                                                              "time": time.time()}
+        client.publish(topic, json.dumps(health), qos=1, retain=True).wait_for_publish(2.0)
+        time.sleep(0.2)
+    client.loop_stop()
+    sys.exit(0)
+if mode == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    (data / "stubborn").touch()
+    time.sleep(60)
+    sys.exit(0)
 if mode == "hang":
     # A few signs of life, then silence; SIGTERM ends it (default action).
     from teg_gateway.sandbox.controller import QueueWriter
@@ -139,10 +165,10 @@ class ControllerSetup:
         self.gateways: list[GatewayProcess] = []
 
     def gateway(self, mode: str, config: dict[str, dict[str, Any]] | None = None,
-                **controller: Any) -> GatewayProcess:
+                args: tuple[str, ...] = (), **controller: Any) -> GatewayProcess:
         """A gateway (not started) running the test controller in ``mode``."""
-        settings = {**CONTROLLER_DEFAULTS,
-                    "command": [sys.executable, "-u", str(self.script), mode], **controller}
+        command = [sys.executable, "-u", str(self.script), mode, *args]
+        settings = {**CONTROLLER_DEFAULTS, "command": command, **controller}
         gateway = self._make_gateway({**(config or {}), "controller": settings},
                                      env={"TEG_CONTROLLER_DATA_PATH": str(self.data)})
         self.gateways.append(gateway)
@@ -158,7 +184,8 @@ class ControllerSetup:
         path = self.data / name
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # Only complete lines: the controller may be writing the last one.
+        return [json.loads(line) for line in path.read_text().split("\n")[:-1]]
 
     def state(self) -> dict[str, Any]:
         value = json.loads((self.gateway_data / "state" / "controller.json").read_text())
@@ -299,6 +326,33 @@ def test_a_controller_that_stops_writing_health_checks_is_restarted(
     assert gateway.stop() == 0
 
 
+@pytest.mark.parametrize("mode", [
+    "bus_time",
+    "bus_same",
+])
+def test_health_on_the_local_bus_keeps_a_controller_from_being_hung(
+        controller: ControllerSetup, thingsboard: FakeThingsBoard, broker: Mosquitto,
+        mode: str) -> None:
+    bus: dict[str, dict[str, Any]] = {
+        "local_mqtt": {"enabled": True, "host": broker.host, "port": broker.plain_port},
+        "health": {"interval_s": 0.5}}
+    gateway = controller.gateway(mode, bus, (broker.host, str(broker.plain_port)),
+                                 health_timeout_s=2.0)
+    gateway.start()
+    wait_connected(thingsboard, gateway)
+    # Running over twice the health timeout, with no health check in the queue database.
+    wait_until(lambda: any(h.get("ms_since_controller_startup", 0) > 5000
+                           for h in health_records(thingsboard))
+               or bool(with_state(thingsboard, "hung")),
+               "the controller runs over twice the health timeout", gateway)
+    assert with_state(thingsboard, "hung") == []
+    assert len(controller.starts()) == 1
+    late = next(h for h in health_records(thingsboard)
+                if h.get("ms_since_controller_startup", 0) > 5000)
+    assert late["ms_since_last_controller_health_check"] < late["ms_since_controller_startup"]
+    assert gateway.stop() == 0
+
+
 def test_rpc_restart_controller_restarts_it_now(controller: ControllerSetup,
                                                 thingsboard: FakeThingsBoard) -> None:
     # Slow backoff: only the RPC can bring a new run this soon.
@@ -358,15 +412,20 @@ def test_rpc_restart_controller_without_a_supervised_controller_is_an_error(
     assert gateway.stop() == 0
 
 
+@pytest.mark.parametrize("connected", [True, False], ids=["connected", "unprovisioned"])
 def test_sigterm_to_the_gateway_stops_a_process_controller(
-        controller: ControllerSetup, thingsboard: FakeThingsBoard) -> None:
+        controller: ControllerSetup, thingsboard: FakeThingsBoard, broker: Mosquitto,
+        connected: bool) -> None:
+    if not connected:
+        broker.stop()  # the gateway stops while it still waits to be provisioned
     gateway = controller.gateway("healthy")
     gateway.start()
-    wait_connected(thingsboard, gateway)
+    if connected:
+        wait_connected(thingsboard, gateway)
     wait_until(lambda: len(controller.starts()) == 1, "the controller starts", gateway)
     pid = controller.starts()[0]["pid"]
-    wait_until(lambda: bool(thingsboard.telemetry_values("ctl_seq")),
-               "the controller works", gateway)
+    wait_until((controller.data / f"working-{pid}").exists,
+               "the controller writes its first record", gateway)
     assert alive(pid)
 
     assert gateway.stop() == 0
@@ -377,6 +436,21 @@ def test_sigterm_to_the_gateway_stops_a_process_controller(
     assert state["process"] is None
     assert state["last_exit"] == "exit code 0"
     assert "controller stopped with the gateway" in gateway.log_text()
+
+
+def test_a_controller_that_ignores_sigterm_is_killed_when_the_gateway_stops(
+        controller: ControllerSetup, thingsboard: FakeThingsBoard) -> None:
+    gateway = controller.gateway("stubborn", stop_grace_s=1.0)
+    gateway.start()
+    wait_connected(thingsboard, gateway)
+    wait_until((controller.data / "stubborn").exists, "the controller starts",
+               gateway)
+    pid = controller.starts()[0]["pid"]
+    assert gateway.stop() == 0
+    assert not alive(pid)
+    assert controller.state()["last_exit"] == "killed by SIGKILL"
+    assert f"controller pid {pid} did not stop 1.0 s after SIGTERM: SIGKILL" in \
+        gateway.log_text()
 
 
 def test_a_controller_left_by_a_killed_gateway_is_replaced_by_the_next(

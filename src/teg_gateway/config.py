@@ -172,6 +172,9 @@ class ControllerSettings:
                                "version's directory, else the controller data directory)")
     env: dict[str, str] = field(default_factory=dict, metadata={
         "doc": "process runtime: extra environment variables", "env": None, "check": None})
+    health_service: str = setting("", "the controller's service name on the local bus "
+                                      "(te/device/main/service/<name>/status/health); empty: "
+                                      "any service but the gateway's own")
     default_version: str = setting("", "version to launch when none was launched before",
                                    env="TEG_DEFAULT_CONTROLLER_VERSION")
     stop_grace_s: float = setting(10.0, "SIGTERM, then SIGKILL after this long",

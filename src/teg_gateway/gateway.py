@@ -161,6 +161,8 @@ class Gateway:
                 self.stores.outbox.put_telemetry({"gateway_problem": problem})
             # The controller, the local bus and a pending restart do not wait for
             # ThingsBoard: the device keeps working offline and unprovisioned.
+            if self.supervisor is not None:
+                self._start(self.supervisor.run())
             if self.bus is not None:
                 self._start(self.bus.run())
             self._start(self.ota.run())
@@ -182,8 +184,6 @@ class Gateway:
             _created, creds = provisioning.result()
             self._connect_cloud(creds)
             self._start(self._health_loop())
-            if self.supervisor is not None:
-                self._start(self.supervisor.run())
             self._start(self._maintenance_loop())
             await self._stopping.wait()
             await self._shutdown()
@@ -259,7 +259,7 @@ class Gateway:
         shutdown = self.settings.shutdown
         if self.supervisor is not None:
             try:
-                await asyncio.wait_for(asyncio.sleep(0),
+                await asyncio.wait_for(self.supervisor.shutdown(),
                                        self.settings.controller.stop_grace_s + 5.0)
             except TimeoutError:
                 log.error("shutdown: the controller did not stop in time")
@@ -414,7 +414,7 @@ class Gateway:
         if last_check:
             values["ms_since_last_controller_health_check"] = now - last_check
         if self.supervisor is not None:
-            values.pop("ms_since_controller_startup", None)
+            values.update(self.supervisor.health_values(now))
         return values
 
     async def _maintenance_loop(self) -> None:
@@ -519,7 +519,8 @@ class Gateway:
         self.restart.on_command(command_id, payload)
 
     def _on_service_health(self, name: str, status: str) -> None:
-        if self.supervisor is not None and name != SERVICE_NAME:
+        wanted = self.settings.controller.health_service
+        if self.supervisor is not None and name != SERVICE_NAME and name == (wanted or name):
             self.supervisor.note_health(status)
 
     def _bus_publish_retained(self, topic: str, payload: bytes) -> asyncio.Future[None]:

@@ -141,17 +141,18 @@ class LocalBus:
                 and len(parsed.channel) == 3:
             self.on_restart_command(parsed.channel[2], payload)
             return
+        if parsed.channel == ("status", "health") and parsed.service:
+            if parsed.service == SERVICE_NAME:
+                return
+            # Every health message is a sign of life, even one equal to the last: only
+            # the forwarding to ThingsBoard below skips repeats.
+            self.on_service_health(parsed.service, _health_status(payload))
         retained_kind = parsed.channel[0] in ("a", "twin") or parsed.channel == (
             "status", "health")
         if retained_kind:
             if self._last_retained.get(topic) == payload:
                 return
             self._last_retained[topic] = payload
-        if parsed.channel == ("status", "health") and parsed.service:
-            if parsed.service == SERVICE_NAME:
-                return
-            status = _health_status(payload)
-            self.on_service_health(parsed.service, status)
         try:
             mapped = topics.map_message(parsed, payload)
         except MappingError as exc:

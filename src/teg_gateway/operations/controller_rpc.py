@@ -16,8 +16,9 @@ def register_controller_rpc(dispatcher: RpcDispatcher, supervisor: Supervisor | 
         if supervisor is None:
             raise RpcError("no controller is supervised (controller.runtime is \"none\")")
         reason = params.get("reason")
-        why = f"RPC restart_controller: {reason}" if isinstance(reason, str) and reason \
-            else "RPC restart_controller"
+        if reason is not None and not isinstance(reason, str):
+            raise RpcError(f"param 'reason' must be text, got {reason!r}")
+        why = f"RPC restart_controller: {reason}" if reason else "RPC restart_controller"
         try:
             return await dispatcher.result_or_progress(
                 supervisor.restart_now(why),

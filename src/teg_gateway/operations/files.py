@@ -155,14 +155,11 @@ def expand_data_path(path: str, controller_data_dir: Path) -> str:
 
 
 def allowed_dirs(settings: Settings) -> list[Path]:
-    """The directories managed files may be in, resolved."""
-    configured = settings.files.allowed_dirs or [str(settings.controller_data_dir)]
-    dirs = []
-    for item in configured:
-        expanded = Path(expand_data_path(item, settings.controller_data_dir))
-        if expanded.is_absolute():
-            dirs.append(expanded.resolve())
-    return dirs
+    """The directories managed files may be in, resolved (a relative one is taken from
+    the controller data directory)."""
+    data = settings.controller_data_dir
+    configured = settings.files.allowed_dirs or [str(data)]
+    return [(data / expand_data_path(item, data)).resolve() for item in configured]
 
 
 def protected_paths(settings: Settings) -> tuple[list[Path], list[Path]]:
@@ -455,10 +452,13 @@ class FileManager:
                 continue
             if signature == known.signature:
                 continue
-            if signature is not None and st.st_size > THREAD_ABOVE_BYTES:
-                md5, signature = await asyncio.to_thread(_hash_file, path)
-            else:
-                md5, signature = _hash_file(path)
+            try:
+                if signature is not None and st.st_size > THREAD_ABOVE_BYTES:
+                    md5, signature = await asyncio.to_thread(_hash_file, path)
+                else:
+                    md5, signature = _hash_file(path)
+            except OSError:
+                return True  # unreadable: let the pass report it
             if md5 != known.md5:
                 log.info("files: %s (%s) changed on the device", key, path)
                 return True
@@ -480,9 +480,9 @@ class FileManager:
             self._on_disk.clear()
             self._save_state()
             self._publish({HASHES: {}})
-        self.on_connect()
-        if self.files is None:
-            self._ask([FILES])
+        self._fresh.clear()
+        self._requested = set(self.files or {})
+        self._ask([FILES, *(CONTENT_PREFIX + k for k in self._requested)])
         task = asyncio.ensure_future(self.reconcile())
         done, _ = await asyncio.wait({task}, timeout=INIT_REPLY_WITHIN_S)
         if task not in done:
@@ -501,6 +501,7 @@ class FileManager:
         result = PassResult()
         if self.files is None:
             return result
+        hashes_before = {k: dict(v) for k, v in self.hashes.items()}
         for key, error in self.spec_errors.items():
             self._error(key, error, result)
         allowed = allowed_dirs(self.settings)
@@ -510,6 +511,10 @@ class FileManager:
                 wrote = await self._reconcile_one(key, spec, allowed, result)
             except FileRefused as exc:
                 self._error(key, str(exc), result)
+                continue
+            except OSError as exc:
+                self._retry.add(key)
+                self._error(key, f"{spec.path}: cannot be read: {exc}", result)
                 continue
             if wrote and spec.restart_controller_on_change:
                 restart_for.append(key)
@@ -521,6 +526,8 @@ class FileManager:
         self._retry &= set(self.files)
         for gone in set(self._reported_errors) - set(self.files) - set(self.spec_errors):
             del self._reported_errors[gone]
+        if self.hashes != hashes_before:
+            self._save_state()
         self._publish_hashes()
         if restart_for:
             result.restarted = await self._restart_controller(restart_for)
@@ -557,9 +564,7 @@ class FileManager:
         self._mirror(spec, current)
         if desired is not None and current.data == desired:
             entry = {"hash": md5_hex(desired), "write_version": spec.write_version}
-            if self.hashes.get(key) != entry:
-                self.hashes[key] = entry
-                self._save_state()
+            self.hashes[key] = entry
         if refused is not None:
             raise refused
         if desired is None:

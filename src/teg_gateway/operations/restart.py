@@ -11,6 +11,10 @@ A state machine whose state is on disk before anything is said on the bus:
    means the device restarted (``successful``); the same boot id means only the gateway
    restarted (``failed``). A boot id does not depend on the clock, which on a device
    without a real-time clock can be wrong right after boot.
+4. A decided outcome moves from ``pending`` to ``finished`` (on disk) and is published
+   until the broker acknowledges it, across reconnects and restarts. The operation is
+   free for the next command as soon as the outcome is decided: a requester that saw the
+   outcome may send a new ``init`` at once.
 
 Unknown fields of the command payload are carried unchanged into later states. Only the
 requester clears a command; commands created by the RPC ``reboot`` (ids ``tb-rpc-*``) are
@@ -96,6 +100,14 @@ class RestartOperation:
         pending = self._state().get("pending")
         return pending if isinstance(pending, dict) else None
 
+    @staticmethod
+    def _finished(state: dict[str, Any]) -> dict[str, Any]:
+        """Outcomes decided but not yet acknowledged by the broker, by command id."""
+        finished = state.get("finished")
+        if not isinstance(finished, dict):
+            finished = state["finished"] = {}
+        return finished
+
     def _remember(self, state: dict[str, Any], command_id: str) -> None:
         recent = [i for i in state.get("recent", []) if i != command_id]
         state["recent"] = [*recent, command_id][-RECENT_IDS:]
@@ -117,11 +129,14 @@ class RestartOperation:
         if command_id in state.get("recent", []):
             log.info("restart command %s was already handled; ignored", command_id)
             return
-        self._spawn(self._execute(command_id, command))
+        # It came from the bus, so its states go there, even if the message was delivered
+        # before the bus marked itself connected (a retained init at connect time).
+        self._spawn(self._execute(command_id, command, via_bus=True))
 
     def start(self, command_id: str) -> None:
         """Start a restart without a requester on the bus (RPC ``reboot``)."""
-        self._spawn(self._execute(command_id, {"status": "init"}))
+        self._spawn(self._execute(command_id, {"status": "init"},
+                                  via_bus=self.bus_connected.is_set()))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -134,6 +149,8 @@ class RestartOperation:
         state = self._state()
         pending = state.get("pending")
         if not isinstance(pending, dict):
+            for record in list(self._finished(state).values()):
+                self._spawn(self._finish(record))
             return
         command = dict(pending.get("command", {}))
         if pending.get("phase") == "executing":
@@ -152,16 +169,17 @@ class RestartOperation:
                                      "id)" if boot_id else "Cannot tell whether the device "
                                      "restarted: the boot id cannot be read")
                 log.error("restart %s failed: %s", pending.get("id"), command["reason"])
-            pending["phase"] = "final"
-            pending["command"] = command
-            state["pending"] = pending
-            self._save(state)
-        self._busy = True
-        self._spawn(self._finish(pending))
+        pending["phase"] = "final"
+        pending["command"] = command
+        state.pop("pending", None)
+        self._finished(state)[str(pending.get("id"))] = pending
+        self._save(state)
+        for record in list(self._finished(state).values()):
+            self._spawn(self._finish(record))
 
     # -- the state machine ----------------------------------------------------------------
 
-    async def _execute(self, command_id: str, command: dict[str, Any]) -> None:
+    async def _execute(self, command_id: str, command: dict[str, Any], via_bus: bool) -> None:
         topic = f"{RESTART_CAPABILITY}/{command_id}"
         state = self._state()
         if self._busy or isinstance(state.get("pending"), dict):
@@ -171,22 +189,24 @@ class RestartOperation:
             log.warning("restart %s refused: %s", command_id, refused["reason"])
             self._remember(state, command_id)
             self._save(state)
-            await self._publish(topic, refused)
+            if via_bus and await self._publish(topic, refused) \
+                    and command_id.startswith(RPC_PREFIX):
+                await self._publish(topic, None)  # the gateway is the requester
             return
         self._busy = True
+        self._remember(state, command_id)
         try:
             boot_id = read_boot_id(self.settings.boot_id_file)
         except OSError as exc:
-            await self._fail_now(command_id, command, state,
+            await self._fail_now(command_id, command, state, via_bus,
                                  f"Cannot read the boot id from "
                                  f"{self.settings.boot_id_file}: {exc}")
             return
         command = {**command, "status": "executing"}
         pending = {"id": command_id, "topic": topic, "command": command, "boot_id": boot_id,
                    "phase": "executing", "started_ms": time.time_ns() // 1_000_000,
-                   "via_bus": self.bus_connected.is_set()}
+                   "via_bus": via_bus}
         state["pending"] = pending
-        self._remember(state, command_id)
         self._save(state)
         self.report({"restart_status": "executing", "restart_reason": "",
                      "restart_id": command_id})
@@ -195,10 +215,13 @@ class RestartOperation:
                                                   "on the local broker")
             return
         log.warning("restart %s: running %s", command_id, self.settings.command)
+        started = time.monotonic()
         reason = await self._run_reboot_command()
         if reason is None:
-            # The device is going down; the gateway will be stopped on the way.
-            await asyncio.sleep(self.settings.timeout_s)
+            # The device is going down; the gateway will be stopped on the way. The
+            # timeout counts from the start of the reboot command.
+            await asyncio.sleep(max(0.0, self.settings.timeout_s
+                                    - (time.monotonic() - started)))
             reason = (f"The device has not restarted within "
                       f"{describe_timeout(self.settings.timeout_s)}")
         await self._decide(pending, "failed", reason)
@@ -227,10 +250,10 @@ class RestartOperation:
         return None
 
     async def _fail_now(self, command_id: str, command: dict[str, Any],
-                        state: dict[str, Any], reason: str) -> None:
+                        state: dict[str, Any], via_bus: bool, reason: str) -> None:
         pending = {"id": command_id, "topic": f"{RESTART_CAPABILITY}/{command_id}",
                    "command": command, "phase": "executing", "boot_id": "",
-                   "via_bus": self.bus_connected.is_set()}
+                   "via_bus": via_bus}
         state["pending"] = pending
         self._save(state)
         await self._decide(pending, "failed", reason)
@@ -240,32 +263,33 @@ class RestartOperation:
         if status == "failed":
             command["reason"] = reason
             log.error("restart %s failed: %s", pending["id"], reason)
-        pending = {**pending, "command": command, "phase": "final"}
-        state = self._state()
-        state["pending"] = pending
-        self._save(state)
-        await self._finish(pending)
-
-    async def _finish(self, pending: dict[str, Any]) -> None:
-        """Report the outcome, publish it, and forget the command once it is published."""
-        command = pending["command"]
-        command_id = str(pending.get("id"))
-        self.report({"restart_status": command.get("status"),
-                     "restart_reason": command.get("reason", ""), "restart_id": command_id})
-        topic = pending.get("topic") or f"{RESTART_CAPABILITY}/{command_id}"
-        if pending.get("via_bus", True):
-            published = await self._publish(topic, command)
-            if published and command_id.startswith(RPC_PREFIX):
-                await self._publish(topic, None)
-            if not published:
-                log.warning("restart %s: outcome not yet published; retried at next start",
-                            command_id)
-                self._busy = False
-                return
+        record = {**pending, "command": command, "phase": "final"}
         state = self._state()
         state.pop("pending", None)
+        self._finished(state)[str(record["id"])] = record
         self._save(state)
         self._busy = False
+        await self._finish(record)
+
+    async def _finish(self, record: dict[str, Any]) -> None:
+        """Report the outcome, publish it (until the broker acknowledges it), and forget
+        the command then."""
+        command = record["command"]
+        command_id = str(record.get("id"))
+        self.report({"restart_status": command.get("status"),
+                     "restart_reason": command.get("reason", ""), "restart_id": command_id})
+        topic = record.get("topic") or f"{RESTART_CAPABILITY}/{command_id}"
+        if record.get("via_bus", True):
+            while not await self._publish(topic, command):
+                log.warning("restart %s: outcome not published yet; trying again",
+                            command_id)
+            if command_id.startswith(RPC_PREFIX):
+                await self._publish(topic, None)
+        state = self._state()
+        self._finished(state).pop(command_id, None)
+        if not state["finished"]:
+            del state["finished"]
+        self._save(state)
 
     async def _publish(self, topic: str, command: dict[str, Any] | None) -> bool:
         """Publish retained with QoS 1 and wait for the PUBACK, across reconnects, for up

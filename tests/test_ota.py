@@ -1,0 +1,387 @@
+"""Controller OTA end to end: a real gateway process, real mosquitto, the ThingsBoard
+stand-in serving package chunks, and real child processes as controller versions.
+
+Every wait is bounded (``thingsboard.wait_for``); nothing asserts on wall-clock time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import mmh3
+import pytest
+
+from conftest import GatewayFactory, needs_mosquitto
+from teg_gateway.operations.ota import (
+    OtaError,
+    checksum_forms,
+    file_checksum_matches,
+    unpack_package,
+)
+from teg_gateway.sandbox.process import GatewayProcess
+from teg_gateway.sandbox.thingsboard import FakeThingsBoard
+
+APP = """
+import json, os, sys, time
+from pathlib import Path
+from teg_gateway.sandbox.controller import QueueWriter
+
+here = Path(os.environ["TEG_CONTROLLER_DIR"])
+data = Path(os.environ["TEG_DATA_PATH"])
+mode = (here / "mode.txt").read_text().strip()
+with open(data / "starts.log", "a") as fh:
+    fh.write(json.dumps({"version": os.environ["TEG_CONTROLLER_VERSION"], "dir": str(here),
+                         "mode": mode, "pid": os.getpid()}) + "\\n")
+if mode == "crash":
+    sys.exit(3)
+if mode == "silent":
+    time.sleep(600)
+writer = QueueWriter(data)
+while True:
+    writer.health_check()
+    time.sleep(0.1)
+"""
+
+HEALTH_TIMEOUT_S = 4.0
+
+
+def controller_files(mode: str, extra: bytes = b"") -> dict[str, bytes]:
+    files = {"app.py": textwrap.dedent(APP).encode(), "mode.txt": mode.encode()}
+    if extra:
+        files["payload.bin"] = extra
+    return files
+
+
+def tar_gz(files: dict[str, bytes], top: str = "controller") -> bytes:
+    """A .tar.gz with everything inside one top-level directory (as `tar czf` makes it)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"{top}/{name}" if top else name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
+
+
+def ota_config(**ota: Any) -> dict[str, dict[str, Any]]:
+    return {
+        "controller": {"runtime": "process", "command": [sys.executable, "app.py"],
+                       "default_version": "1.0", "restart_min_s": 0.1, "restart_max_s": 0.4,
+                       "healthy_after_s": 0.5, "stop_grace_s": 2.0},
+        "ota": {"health_timeout_s": HEALTH_TIMEOUT_S, "chunk_size": 1024,
+                "chunk_timeout_s": 2.0, **ota},
+    }
+
+
+def install_first_version(data_dir: Path) -> None:
+    vdir = data_dir / "controller" / "versions" / "1.0"
+    vdir.mkdir(parents=True)
+    for name, data in controller_files("healthy").items():
+        (vdir / name).write_bytes(data)
+
+
+def starts(data_dir: Path) -> list[dict[str, Any]]:
+    path = data_dir / "starts.log"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def states(tb: FakeThingsBoard) -> list[str]:
+    return [str(v) for v in tb.telemetry_values("sw_state")]
+
+
+def ota_state(data_dir: Path) -> dict[str, Any]:
+    value = json.loads((data_dir / "state" / "ota.json").read_text())
+    assert isinstance(value, dict)
+    return value
+
+
+def running_version(data_dir: Path) -> str | None:
+    found = starts(data_dir)
+    return found[-1]["version"] if found else None
+
+
+def start_gateway(make_gateway: GatewayFactory, tb: FakeThingsBoard, data_dir: Path,
+                  env: dict[str, str] | None = None, **ota: Any) -> GatewayProcess:
+    """A gateway running controller version 1.0, healthy and connected."""
+    if not (data_dir / "controller" / "versions" / "1.0").exists():
+        install_first_version(data_dir)
+    gateway = make_gateway(ota_config(**ota), env=env)
+    gateway.start()
+    tb.wait_for(lambda: running_version(data_dir) == "1.0", timeout=20,
+                message="controller 1.0 did not start")
+    tb.wait_for(lambda: "current_sw_version" in str(tb.telemetry()), timeout=20,
+                message=f"the gateway did not report its current version: {tb.telemetry()[-3:]}")
+    return gateway
+
+
+# -- end to end ----------------------------------------------------------------------------
+
+
+@needs_mosquitto
+def test_package_update_end_to_end(make_gateway: GatewayFactory, thingsboard: FakeThingsBoard,
+                                   data_dir: Path) -> None:
+    gateway = start_gateway(make_gateway, thingsboard, data_dir)
+    package = tar_gz(controller_files("healthy", os.urandom(5000)))
+    thingsboard.assign_package("sw", "ctl", "2.0", package)
+    thingsboard.wait_for(lambda: "UPDATED" in states(thingsboard) or "FAILED" in states(
+        thingsboard), timeout=30, message=f"no result: {states(thingsboard)}")
+    assert states(thingsboard) == ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING",
+                                   "UPDATED"], thingsboard.telemetry_values("sw_error")
+    assert thingsboard.telemetry_values("current_sw_version")[-1] == "2.0"
+    assert thingsboard.telemetry_values("current_sw_title")[-1] == "ctl"
+    last = starts(data_dir)[-1]
+    vdir = data_dir / "controller" / "versions" / "2.0"
+    assert last["version"] == "2.0" and last["dir"] == str(vdir)
+    assert (vdir / "payload.bin").stat().st_size == 5000  # unpacked, top directory removed
+    # Chunked: one fresh request id, chunks 0..n asked in order with the configured size.
+    history = thingsboard.chunk_history()
+    assert {h[1] for h in history} == {history[0][1]}
+    assert [h[2] for h in history][:3] == [0, 1, 2] and {h[3] for h in history} == {1024}
+    assert not list((data_dir / "ota").glob("*.part"))
+    assert ota_state(data_dir)["phase"] == "updated"
+    # The same version announced again does nothing.
+    thingsboard.clear()
+    thingsboard.set_shared({"sw_title": "ctl", "sw_version": "2.0"})
+    thingsboard.rpc("ping")
+    assert thingsboard.chunk_requests == 0
+    assert gateway.stop() == 0
+
+
+@needs_mosquitto
+def test_checksum_mismatch_fails_and_keeps_the_running_version(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, data_dir: Path) -> None:
+    gateway = start_gateway(make_gateway, thingsboard, data_dir)
+    package = tar_gz(controller_files("healthy"))
+    thingsboard.assign_package("sw", "ctl", "2.0", package, checksum_algorithm="SHA256",
+                               checksum="0" * 64)
+    thingsboard.wait_for(lambda: "FAILED" in states(thingsboard), timeout=30)
+    assert states(thingsboard) == ["DOWNLOADING", "DOWNLOADED", "FAILED"]
+    error = thingsboard.telemetry_values("sw_error")[-1]
+    assert "checksum mismatch" in error and "0" * 64 in error
+    assert not (data_dir / "controller" / "versions" / "2.0").exists()
+    assert running_version(data_dir) == "1.0"
+    assert not list((data_dir / "ota").glob("*.part"))
+    assert gateway.stop() == 0
+
+
+@needs_mosquitto
+def test_download_resumes_after_a_gateway_kill(make_gateway: GatewayFactory,
+                                               thingsboard: FakeThingsBoard,
+                                               data_dir: Path) -> None:
+    gateway = start_gateway(make_gateway, thingsboard, data_dir)
+    thingsboard.chunk_delay_s = 0.03
+    package = tar_gz(controller_files("healthy", os.urandom(80_000)))
+    chunks = -(-len(package) // 1024)
+    thingsboard.assign_package("sw", "ctl", "2.0", package, checksum_algorithm="MD5")
+    thingsboard.wait_for(lambda: thingsboard.chunk_requests >= 20, timeout=30)
+    gateway.kill()
+    part = data_dir / "ota" / "2.0.part"
+    have = part.stat().st_size
+    assert have >= 10 * 1024
+    before = len(thingsboard.chunk_history())
+    thingsboard.chunk_delay_s = 0.0
+    gateway.start()
+    thingsboard.wait_for(lambda: "UPDATED" in states(thingsboard) or "FAILED" in states(
+        thingsboard), timeout=40, message=f"no result: {states(thingsboard)}")
+    assert states(thingsboard)[-1] == "UPDATED", thingsboard.telemetry_values("sw_error")
+    after = thingsboard.chunk_history()[before:]
+    # It went on from where the file ended, not from chunk 0.
+    assert after[0][2] >= have // 1024 - 1 and after[0][2] > 0
+    assert len(after) <= chunks - have // 1024 + 3
+    assert running_version(data_dir) == "2.0"
+    assert (data_dir / "controller" / "versions" / "2.0" / "payload.bin").stat().st_size \
+        == 80_000
+    assert gateway.stop() == 0
+
+
+@needs_mosquitto
+def test_version_that_crashes_on_start_is_rolled_back(make_gateway: GatewayFactory,
+                                                      thingsboard: FakeThingsBoard,
+                                                      data_dir: Path) -> None:
+    gateway = start_gateway(make_gateway, thingsboard, data_dir)
+    thingsboard.assign_package("sw", "ctl", "2.0", zip_bytes(controller_files("crash")),
+                               checksum_algorithm="SHA512")
+    thingsboard.wait_for(lambda: "FAILED" in states(thingsboard), timeout=30)
+    assert states(thingsboard) == ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING",
+                                   "FAILED"]
+    error = thingsboard.telemetry_values("sw_error")[-1]
+    assert "crashed" in error and "rolled back to version 1.0" in error
+    thingsboard.wait_for(lambda: running_version(data_dir) == "1.0", timeout=10)
+    assert [s["version"] for s in starts(data_dir)].count("2.0") >= 3
+    assert ota_state(data_dir)["failed_version"] == "2.0"
+    # Not retried until sw_version changes.
+    thingsboard.clear()
+    thingsboard.set_shared({"sw_title": "ctl", "sw_version": "2.0"})
+    thingsboard.rpc("ping")
+    assert thingsboard.chunk_requests == 0 and states(thingsboard) == []
+    assert gateway.stop() == 0
+
+
+@needs_mosquitto
+def test_version_without_a_health_signal_is_rolled_back(make_gateway: GatewayFactory,
+                                                        thingsboard: FakeThingsBoard,
+                                                        data_dir: Path) -> None:
+    gateway = start_gateway(make_gateway, thingsboard, data_dir)
+    data = tar_gz(controller_files("silent"))
+    thingsboard.assign_package("sw", "ctl", "2.0", data, checksum_algorithm="CRC32",
+                               checksum=f"{zlib.crc32(data):08x}")
+    thingsboard.wait_for(lambda: "FAILED" in states(thingsboard), timeout=30)
+    error = thingsboard.telemetry_values("sw_error")[-1]
+    assert "no health signal" in error and "rolled back to version 1.0" in error
+    thingsboard.wait_for(lambda: running_version(data_dir) == "1.0", timeout=10)
+    assert gateway.stop() == 0
+
+
+@needs_mosquitto
+def test_kill_between_switch_and_health_is_resolved_on_the_next_start(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, data_dir: Path) -> None:
+    gateway = start_gateway(make_gateway, thingsboard, data_dir)
+    thingsboard.assign_package("sw", "ctl", "2.0", tar_gz(controller_files("silent")))
+    thingsboard.wait_for(lambda: running_version(data_dir) == "2.0", timeout=30)
+    assert ota_state(data_dir)["phase"] == "switching"
+    gateway.kill()
+    thingsboard.clear()
+    gateway.start()
+    thingsboard.wait_for(lambda: "FAILED" in states(thingsboard), timeout=30)
+    error = thingsboard.telemetry_values("sw_error")[-1]
+    assert "rolled back to version 1.0" in error
+    thingsboard.wait_for(lambda: running_version(data_dir) == "1.0", timeout=10)
+    state = ota_state(data_dir)
+    assert state["phase"] == "failed" and state["failed_version"] == "2.0"
+    assert gateway.stop() == 0
+
+
+@needs_mosquitto
+def test_git_release_update(make_gateway: GatewayFactory, thingsboard: FakeThingsBoard,
+                            data_dir: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    for name, data in controller_files("healthy").items():
+        (repo / name).write_bytes(data)
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "v2")
+    git("tag", "v2.0")
+    (repo / "mode.txt").write_text("work in progress")  # the working tree stays as it is
+    gateway = start_gateway(make_gateway, thingsboard, data_dir,
+                            env={"TEG_CONTROLLER_GIT_PATH": str(repo)})
+    thingsboard.set_shared({"sw_title": "ctl", "sw_version": "v2.0"})
+    thingsboard.wait_for(lambda: "UPDATED" in states(thingsboard) or "FAILED" in states(
+        thingsboard), timeout=30)
+    assert states(thingsboard)[-1] == "UPDATED", thingsboard.telemetry_values("sw_error")
+    assert thingsboard.chunk_requests == 0
+    assert running_version(data_dir) == "v2.0"
+    assert (data_dir / "controller" / "versions" / "v2.0" / "mode.txt").read_text() == "healthy"
+    assert (repo / "mode.txt").read_text() == "work in progress"
+    assert gateway.stop() == 0
+
+
+@needs_mosquitto
+def test_git_version_without_a_repository_fails_clearly(make_gateway: GatewayFactory,
+                                                        thingsboard: FakeThingsBoard,
+                                                        data_dir: Path) -> None:
+    gateway = start_gateway(make_gateway, thingsboard, data_dir)
+    thingsboard.set_shared({"sw_title": "ctl", "sw_version": "v9"})
+    thingsboard.wait_for(lambda: "FAILED" in states(thingsboard), timeout=30)
+    assert "TEG_CONTROLLER_GIT_PATH" in thingsboard.telemetry_values("sw_error")[-1]
+    assert running_version(data_dir) == "1.0"
+    assert gateway.stop() == 0
+
+
+# -- the parts -----------------------------------------------------------------------------
+
+
+def test_checksum_algorithms_match_independent_implementations(tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)  # more than one hashing block
+    path = tmp_path / "pkg"
+    path.write_bytes(data)
+    expected = {
+        "MD5": hashlib.md5(data).hexdigest(),
+        "SHA256": hashlib.sha256(data).hexdigest(),
+        "SHA384": hashlib.sha384(data).hexdigest().upper(),
+        "SHA512": hashlib.sha512(data).hexdigest(),
+        "CRC32": f"{zlib.crc32(data):08x}",
+        "MURMUR3_32": f"{mmh3.hash(data, signed=False):x}",
+        "MURMUR3_128": f"{mmh3.hash128(data, signed=False):x}",
+    }
+    for algorithm, checksum in expected.items():
+        assert file_checksum_matches(path, algorithm, checksum)[0], algorithm
+        assert not file_checksum_matches(path, algorithm, "1234abcd")[0], algorithm
+    # Guava (ThingsBoard's server side) prints CRC32 / Murmur bytes little-endian.
+    crc = zlib.crc32(data).to_bytes(4, "little").hex()
+    assert file_checksum_matches(path, "CRC32", crc)[0]
+    assert mmh3.hash_bytes(data).hex() in checksum_forms("MURMUR3_128", _mmh128(data))
+    with pytest.raises(OtaError, match="not supported"):
+        file_checksum_matches(path, "SHA1", "x")
+
+
+def _mmh128(data: bytes) -> Any:
+    hasher = mmh3.mmh3_x64_128()
+    hasher.update(data)
+    return hasher
+
+
+def test_unpacking_refuses_members_outside_the_target(tmp_path: Path) -> None:
+    bad_tar = tmp_path / "bad.tar.gz"
+    bad_tar.write_bytes(tar_gz({"../../evil.txt": b"x", "ok.txt": b"y"}, top=""))
+    with pytest.raises(OtaError, match="outside"):
+        unpack_package(bad_tar, tmp_path / "t1", 10**6)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as archive:
+        link = tarfile.TarInfo("link")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        archive.addfile(link)
+    (tmp_path / "link.tar.gz").write_bytes(buf.getvalue())
+    with pytest.raises(OtaError, match="refused"):
+        unpack_package(tmp_path / "link.tar.gz", tmp_path / "t2", 10**6)
+    bad_zip = tmp_path / "bad.zip"
+    bad_zip.write_bytes(zip_bytes({"/abs.txt": b"x"}))
+    with pytest.raises(OtaError, match="outside"):
+        unpack_package(bad_zip, tmp_path / "t3", 10**6)
+    assert not (tmp_path / "evil.txt").exists() and not Path("/abs.txt").exists()
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"just bytes")
+    with pytest.raises(OtaError, match=r"neither a \.tar\.gz nor a \.zip"):
+        unpack_package(plain, tmp_path / "t4", 10**6)
+    big = tmp_path / "big.zip"
+    big.write_bytes(zip_bytes({"a": b"0" * 5000}))
+    with pytest.raises(OtaError, match="more than"):
+        unpack_package(big, tmp_path / "t5", 1000)
+
+
+def test_unpacking_keeps_flat_archives_and_unwraps_one_top_directory(tmp_path: Path) -> None:
+    flat = tmp_path / "flat.zip"
+    flat.write_bytes(zip_bytes({"app.py": b"a", "lib/x.py": b"b"}))
+    unpack_package(flat, tmp_path / "flat", 10**6)
+    assert (tmp_path / "flat" / "app.py").read_bytes() == b"a"
+    assert (tmp_path / "flat" / "lib" / "x.py").read_bytes() == b"b"
+    wrapped = tmp_path / "wrapped.tar.gz"
+    wrapped.write_bytes(tar_gz({"app.py": b"a"}, top="release-2.0"))
+    unpack_package(wrapped, tmp_path / "wrapped", 10**6)
+    assert [p.name for p in (tmp_path / "wrapped").iterdir()] == ["app.py"]
