@@ -116,3 +116,15 @@ def make_gateway(tmp_path: Path, gateway_env: dict[str, str]) -> Iterator[Gatewa
     for process in made:
         if process.running:
             process.kill()
+
+
+@pytest.fixture
+def report(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
+    """Print a line into the test run's output even when output is captured (figures such
+    as records lost and duplicated, so every run shows them)."""
+
+    def emit(text: str) -> None:
+        with capsys.disabled():
+            print(f"\n    {text}", end="")
+
+    return emit

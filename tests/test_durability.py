@@ -18,8 +18,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-
 from conftest import GatewayFactory, needs_mosquitto
 from teg_gateway.sandbox.broker import Mosquitto
 from teg_gateway.sandbox.controller import QueueWriter, make_records
@@ -45,16 +43,6 @@ PAYLOAD = 4096  # small publishes: many of them in flight at any moment
 INFLIGHT = 8
 STREAM_CONFIG = {"outbox": {"max_payload_bytes": PAYLOAD, "max_inflight": INFLIGHT}}
 
-
-@pytest.fixture
-def report(capsys: pytest.CaptureFixture[str]) -> Report:
-    """Print a line into the test run's output even when output is captured."""
-
-    def emit(text: str) -> None:
-        with capsys.disabled():
-            print(f"\n    {text}", end="")
-
-    return emit
 
 
 def restart_broker(broker: Mosquitto, thingsboard: FakeThingsBoard,

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from conftest import GatewayFactory, needs_mosquitto
 from teg_gateway.sandbox.controller import QueueWriter, make_records
 from teg_gateway.sandbox.process import GatewayProcess
@@ -36,16 +34,6 @@ Report = Callable[[str], None]
 
 # -- helpers shared with test_durability.py -----------------------------------------------
 
-
-@pytest.fixture
-def report(capsys: pytest.CaptureFixture[str]) -> Report:
-    """Print a line into the test run's output even when output is captured."""
-
-    def emit(text: str) -> None:
-        with capsys.disabled():
-            print(f"\n    {text}", end="")
-
-    return emit
 
 
 @dataclass

@@ -200,15 +200,7 @@ class Supervisor:
                                       "nothing to start; set sw_version in ThingsBoard")
             log.warning("restarting the controller: %s", reason)
             self._report(RESTARTING, controller_restart_reason=reason)
-            try:
-                await self.runtime.stop(self.settings.controller.stop_grace_s)
-                self._run_ended()
-                self._first = False
-                ok = await self._start_locked()
-            finally:
-                # Also when the stop failed (no Docker engine): the loop reports the
-                # outcome now, not "restarting" until its backoff delay has passed.
-                self._wake.set()
+            ok = await self._stop_and_start_locked()
         if not ok and self._start_exc is not None:
             raise self._start_exc
         return (f"controller restarted ({self.runtime.describe()}, "
@@ -227,15 +219,20 @@ class Supervisor:
             self._version = version
             self.state_file.update(version=version)
             self._report(RESTARTING, controller_restart_reason=f"switch to version {version}")
-            try:
-                await self.runtime.stop(self.settings.controller.stop_grace_s)
-                self._run_ended()
-                self._first = False
-                ok = await self._start_locked()
-            finally:
-                self._wake.set()
+            ok = await self._stop_and_start_locked()
         if not ok and self._start_exc is not None:
             raise self._start_exc
+
+    async def _stop_and_start_locked(self) -> bool:
+        try:
+            await self.runtime.stop(self.settings.controller.stop_grace_s)
+            self._run_ended()
+            self._first = False
+            return await self._start_locked()
+        finally:
+            # Also when the stop failed (no Docker engine): the loop reports the outcome
+            # now, not "restarting" until its backoff delay has passed.
+            self._wake.set()
 
     async def shutdown(self) -> None:
         """The gateway stops: stop the controller when ``stop_on_shutdown`` says so
