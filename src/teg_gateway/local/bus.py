@@ -92,8 +92,10 @@ class LocalBus:
         self.connected.set()
         conn.publish(SERVICE_TOPIC, json.dumps(
             {"@type": "service", "name": SERVICE_NAME, "type": "service"}), retain=True)
-        self.publish_health()
         conn.publish(topics.RESTART_CAPABILITY, b"{}", retain=True)
+        # Health "up" goes last: once it is seen, the registration and the
+        # capabilities published before it are on the broker too.
+        self.publish_health()
         for callback in self.on_connect:
             try:
                 callback()
