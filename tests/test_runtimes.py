@@ -1,7 +1,7 @@
 """Controller runtimes: real child processes, a real git repository, the Docker SDK for real.
 
-Docker tests that need an engine run only when one is reachable; the report of a missing
-SDK or engine is tested for real here.
+The report of a missing Docker SDK or engine is tested for real here; the Docker runtime
+against a real engine is in ``test_docker_runtime.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import pytest
 
 from teg_gateway.config import Settings
 from teg_gateway.controller.docker_runtime import (
-    CONTAINER_NAME,
     DockerRuntime,
     DockerUnavailable,
     image_name,
@@ -381,7 +380,7 @@ def test_docker_build_context_follows_the_export(tmp_path: Path) -> None:
     assert runtime.build_context(source) == (Path("/opt/shared-context"), "Containerfile")
 
 
-# -- Docker: the missing engine, for real; the engine paths when one is reachable ----------
+# -- Docker: the missing SDK and engine, for real (a real engine: test_docker_runtime.py) --
 
 def sdk_installed() -> bool:
     try:
@@ -416,72 +415,6 @@ def test_unreachable_engine_is_reported_clearly(tmp_path: Path) -> None:
                 await call
 
     asyncio.run(main())
-
-
-def engine_problem() -> str | None:
-    """Why the Docker engine tests cannot run here; None when they can."""
-    if not sdk_installed():
-        return "the Docker SDK is not installed (pip install 'teg-gateway[docker]')"
-    try:
-        asyncio.run(DockerRuntime(Settings(), call_timeout_s=5.0).ping())
-    except DockerUnavailable as exc:
-        return f"no Docker engine reachable: {exc}"
-    return None
-
-
-ENGINE_PROBLEM = engine_problem()
-needs_engine = pytest.mark.skipif(ENGINE_PROBLEM is not None, reason=str(ENGINE_PROBLEM))
-
-ENGINE_CONTROLLER = """
-import os, sqlite3, time
-db = sqlite3.connect(os.path.join(os.environ["TEG_DATA_PATH"], "communication_queue.db"))
-db.execute("CREATE TABLE IF NOT EXISTS health_check (id INTEGER PRIMARY KEY, timestamp_ms INTEGER)")
-while True:
-    db.execute("INSERT OR REPLACE INTO health_check VALUES (1, ?)", (int(time.time() * 1000),))
-    db.commit()
-    time.sleep(0.2)
-"""
-
-
-@needs_engine
-def test_docker_engine_build_run_stop(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    (repo / "docker").mkdir(parents=True)
-    base = os.environ.get("TEG_TEST_DOCKER_BASE", "python:3.11-slim")
-    (repo / "docker" / "Dockerfile").write_text(
-        f"FROM {base}\nCOPY controller.py /controller.py\nCMD [\"python\", \"/controller.py\"]\n")
-    (repo / "docker" / "controller.py").write_text(ENGINE_CONTROLLER)
-    git(repo, "init", "-q")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-q", "-m", "one")
-    version = f"t{os.getpid()}"
-    git(repo, "tag", version)
-    settings = make_settings(tmp_path, ["unused"])
-    settings.controller.runtime = "docker"
-    settings.paths.controller_git = str(repo)
-    runtime = DockerRuntime(settings, call_timeout_s=60.0)
-
-    async def main() -> None:
-        try:
-            await runtime.start(version)
-            assert await runtime.is_running()
-            assert runtime.version() == version
-            started = runtime.started_at_ms()
-            assert started is not None and abs(started - time.time() * 1000) < 120_000
-            db = tmp_path / "data" / "communication_queue.db"
-            await wait_for(db.exists, 60.0)
-            await runtime.stop(2.0)
-            assert not await runtime.is_running()
-            assert runtime.last_exit() is not None
-        finally:
-            client = await runtime._get_client()
-            container = await runtime._find()
-            if container is not None:
-                await runtime._call(container.remove, force=True)
-            await runtime._call(client.images.remove, image_name(version), force=True)
-
-    asyncio.run(main())
-    assert CONTAINER_NAME == "teg_controller"
 
 
 def test_the_example_controller_runs_under_the_process_runtime(tmp_path: Path) -> None:
