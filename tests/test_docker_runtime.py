@@ -390,7 +390,8 @@ def test_ota_package_is_built_and_run_and_a_crashing_one_rolled_back(
         (first / name).write_bytes(data)
     config: dict[str, dict[str, Any]] = {
         "controller": {**DOCKER_CONTROLLER, "default_version": "1.0", "healthy_after_s": 0.5},
-        "ota": {"health_timeout_s": 20.0, "chunk_size": 4096, "chunk_timeout_s": 5.0}}
+        "ota": {"health_timeout_s": 20.0, "chunk_size": 4096, "chunk_timeout_s": 5.0,
+                "keep_versions": 2}}
     gateway = docker_gateway(make_gateway, engine, config)
     gateway.start()
     wait_connected(thingsboard, gateway)
@@ -417,4 +418,18 @@ def test_ota_package_is_built_and_run_and_a_crashing_one_rolled_back(
         engine).labels[VERSION_LABEL] == "2.0", "2.0 runs again", gateway)
     assert "3.0" in running_versions(data_dir)
     assert ota_state(data_dir)["failed_version"] == "3.0"
+
+    # A third version: the oldest versions go, their images with them.
+    thingsboard.clear()
+    thingsboard.assign_package("sw", "ctl", "4.0", tar_gz(controller_files("healthy")))
+    wait_until(lambda: "UPDATED" in states(thingsboard) or "FAILED" in states(thingsboard),
+               "the update to 4.0", gateway, timeout=120)
+    assert states(thingsboard)[-1] == "UPDATED", thingsboard.telemetry_values("sw_error")
+    versions = data_dir / "controller" / "versions"
+    assert sorted(p.name for p in versions.iterdir()) == ["2.0", "4.0"]
+    images = {tag.rsplit("/", 1)[-1] for image in engine.client.images.list()
+              for tag in image.tags if "teg-controller-" in tag}
+    assert images == {image_name("2.0"), image_name("4.0")}
+    # The build output is in the gateway's log.
+    assert f"docker build {image_name('4.0')}: " in gateway.log_text()
     assert gateway.stop() == 0

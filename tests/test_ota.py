@@ -273,6 +273,26 @@ def test_kill_between_switch_and_health_is_resolved_on_the_next_start(
 
 
 @needs_mosquitto
+def test_old_versions_are_removed_keeping_the_running_one_and_its_predecessor(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, data_dir: Path) -> None:
+    gateway = start_gateway(make_gateway, thingsboard, data_dir, keep_versions=2)
+    versions = data_dir / "controller" / "versions"
+    for version in ("2.0", "3.0", "4.0"):
+        thingsboard.clear()
+        thingsboard.assign_package("sw", "ctl", version, tar_gz(controller_files("healthy")))
+        thingsboard.wait_for(lambda: "UPDATED" in states(thingsboard) or "FAILED" in states(
+            thingsboard), timeout=30, message=f"no result for {version}")
+        assert states(thingsboard)[-1] == "UPDATED", thingsboard.telemetry_values("sw_error")
+        assert running_version(data_dir) == version
+    # 4.0 runs, 3.0 is the rollback target: 1.0 and 2.0 are gone, nothing else touched.
+    assert sorted(p.name for p in versions.iterdir()) == ["3.0", "4.0"]
+    log = gateway.log_text()
+    assert "removing old controller version 1.0" in log
+    assert "removing old controller version 2.0" in log
+    assert gateway.stop() == 0
+
+
+@needs_mosquitto
 def test_git_release_update(make_gateway: GatewayFactory, thingsboard: FakeThingsBoard,
                             data_dir: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"

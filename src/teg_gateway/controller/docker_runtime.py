@@ -64,6 +64,16 @@ def parse_docker_time(text: str | None) -> int | None:
     return int(stamp.timestamp() * 1000)
 
 
+def build_output(items: Any) -> list[str]:
+    """The text lines of a Docker build's JSON output (``stream`` and ``error`` items)."""
+    lines: list[str] = []
+    for item in items or []:
+        if isinstance(item, dict):
+            text = str(item.get("stream") or item.get("error") or "")
+            lines.extend(line.rstrip() for line in text.splitlines() if line.strip())
+    return lines
+
+
 def _is_connection_error(exc: BaseException) -> bool:
     """Errors that mean the engine is not there (requests/urllib3 connection errors)."""
     if isinstance(exc, ConnectionError | TimeoutError):
@@ -227,19 +237,40 @@ class DockerRuntime:
         context, dockerfile = self.build_context(source)
         log.info("building controller image %s from %s (%s)", image, context, dockerfile)
         try:
-            await self._call(client.images.build, path=str(context), dockerfile=dockerfile,
-                             tag=image, rm=True, forcerm=True,
-                             labels={VERSION_LABEL: version}, timeout=self.build_timeout_s,
-                             call_timeout_s=self.build_timeout_s)
+            _image, output = await self._call(
+                client.images.build, path=str(context), dockerfile=dockerfile, tag=image,
+                rm=True, forcerm=True, labels={VERSION_LABEL: version},
+                timeout=self.build_timeout_s, call_timeout_s=self.build_timeout_s)
         except self._sdk.errors.BuildError as exc:
-            lines = [str(item.get("stream") or item.get("error") or "").rstrip()
-                     for item in (exc.build_log or []) if isinstance(item, dict)]
-            tail = " | ".join(line for line in lines if line)[-800:]
+            lines = build_output(exc.build_log)
+            for line in lines:
+                log.warning("docker build %s: %s", image, line)
+            tail = " | ".join(lines)[-800:]
             raise ControllerStartError(f"docker build of {image} failed: {exc.msg}; "
                                        f"{tail}") from None
         except self._sdk.errors.DockerException as exc:
             raise ControllerStartError(f"docker build of {image} failed: {exc}") from None
+        for line in build_output(output):
+            log.info("docker build %s: %s", image, line)
         log.info("controller image %s built", image)
+
+    async def remove_version(self, version: str) -> None:
+        """Remove the image of a version OTA removed from disk (unless the controller
+        container runs it); a failure is logged, never raised."""
+        image = image_name(version)
+        try:
+            client = await self._get_client()
+            running = await self._find()
+            if running is not None and self._note(running) and self._version == version:
+                return
+            await self._call(client.images.remove, image)
+        except Exception as exc:
+            if self._sdk is not None and isinstance(exc, self._sdk.errors.ImageNotFound):
+                return
+            log.warning("could not remove image %s of old controller version %s: %s",
+                        image, version, exc)
+            return
+        log.info("removed image %s of old controller version %s", image, version)
 
     def build_context(self, source: Path) -> tuple[Path, str]:
         """(build context, Dockerfile inside it) for a version exported to ``source``.

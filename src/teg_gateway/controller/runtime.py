@@ -83,6 +83,10 @@ class ControllerRuntime(Protocol):
     def describe(self) -> str:
         """A short description for logs: ``pid 1234``, ``container teg_controller``."""
 
+    async def remove_version(self, version: str) -> None:
+        """Free what the runtime keeps for ``version`` beyond its directory (docker: the
+        image), once OTA removed that version; never the running one."""
+
 
 def check_version(version: str) -> str:
     """``version`` when it is a safe name for a directory, a git ref and an image tag.
@@ -401,6 +405,9 @@ class ProcessRuntime:
 
     def describe(self) -> str:
         return f"pid {self._proc.pid}" if self._proc is not None else "no process"
+
+    async def remove_version(self, version: str) -> None:
+        """Nothing: a process version is its directory alone."""
 
     @property
     def pid(self) -> int | None:

@@ -645,8 +645,12 @@ class OtaManager:
         current = {"title": job["title"], "version": job["version"]}
         self.state.update(phase=P_UPDATED, job=None, current=current)
         log.info("controller updated to %s %s", job["title"], job["version"])
+        # Old versions go first, so UPDATED means the device is in its final state.
+        try:
+            await self._prune(keep={job["version"], str(job.get("previous") or "")})
+        except Exception:
+            log.exception("removing old controller versions failed")
         self._report(UPDATED, current_sw_title=job["title"], current_sw_version=job["version"])
-        self._prune(keep={job["version"], str(job.get("previous") or "")})
 
     async def _watch_health(self, baseline: int) -> str | None:
         """None when the new version gave a health signal within health_timeout_s and
@@ -713,9 +717,10 @@ class OtaManager:
         log.error("controller update to %s failed: %s", job.get("version"), error)
         self._report(FAILED, sw_error=error)
 
-    def _prune(self, keep: set[str]) -> None:
+    async def _prune(self, keep: set[str]) -> None:
         """Keep ``keep_versions`` version directories (the newest by last switch), never
-        the running one or the rollback target."""
+        the running one or the rollback target; the runtime frees what it kept for the
+        others (docker: their images)."""
         base = versions_dir(self.settings)
         try:
             dirs = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
@@ -728,6 +733,8 @@ class OtaManager:
         for old in others[room:]:
             log.info("removing old controller version %s", old.name)
             _remove_tree(old)
+            if self.supervisor is not None:
+                await self.supervisor.runtime.remove_version(old.name)
 
     # -- reporting ------------------------------------------------------------------------
 
