@@ -18,9 +18,15 @@ from conftest import GatewayFactory, needs_mosquitto
 from teg_gateway.config import Settings, load_settings
 from teg_gateway.operations.files import (
     NO_FILE,
+    NOT_A_FILE,
     FileManager,
     FileRefused,
+    _hash_file,
+    _read_file,
+    _signature_of,
+    _write_file,
     encode_content,
+    locate,
     parse_entry,
     parse_files,
     resolve_path,
@@ -119,6 +125,51 @@ def test_a_symlink_out_of_the_allowed_dirs_is_refused(data: Path, tmp_path: Path
     (data / "inner-link").symlink_to(data / "inner")
     assert resolve_path("$DATA_PATH/inner-link/ok.txt", settings) == \
         data.resolve() / "inner/ok.txt"
+
+
+def test_a_directory_swapped_for_a_link_after_the_check_leads_nowhere(
+        data: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "app.conf").write_text("secret outside")
+    (data / "conf").mkdir()
+    settings = make_settings(data)
+    loc = locate("$DATA_PATH/conf/app.conf", settings)
+    assert loc.path == data.resolve() / "conf" / "app.conf"
+    # Checked; now someone who can write in the data directory swaps conf for a link.
+    (data / "conf").rename(data / "conf.old")
+    (data / "conf").symlink_to(outside)
+    refused = "conf is not a directory .a symbolic link or a file.: refused"
+    with pytest.raises(FileRefused, match=refused):
+        _write_file(loc, b"from the server", create_dirs=True)
+    with pytest.raises(FileRefused, match=refused):
+        _read_file(loc, 1000)
+    with pytest.raises(FileRefused, match=refused):
+        _hash_file(loc)
+    with pytest.raises(FileRefused, match=refused):
+        _signature_of(loc)
+    assert (outside / "app.conf").read_text() == "secret outside"
+    assert sorted(p.name for p in outside.iterdir()) == ["app.conf"]
+
+
+def test_a_file_swapped_for_a_link_or_a_fifo_is_not_followed(data: Path,
+                                                              tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("secret outside")
+    settings = make_settings(data)
+    loc = locate("$DATA_PATH/app.conf", settings)
+    (data / "app.conf").symlink_to(secret)
+    read = _read_file(loc, 1000)
+    assert read.data is None and read.problem == NOT_A_FILE  # not the secret
+    assert _hash_file(loc)[0] is None
+    _write_file(loc, b"from the server", create_dirs=False)  # replaces the link itself
+    assert not (data / "app.conf").is_symlink()
+    assert (data / "app.conf").read_bytes() == b"from the server"
+    assert secret.read_text() == "secret outside"
+    # A FIFO never blocks a read.
+    fifo = locate("$DATA_PATH/fifo", settings)
+    os.mkfifo(data / "fifo")
+    assert _read_file(fifo, 1000).problem == NOT_A_FILE
 
 
 def test_the_gateway_own_files_are_refused(data: Path) -> None:

@@ -16,8 +16,24 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     readable by others, not even for an instant.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        atomic_write_at(dir_fd, path.name, data, mode)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
+    """:func:`atomic_write` of file ``name`` in the directory open as ``dir_fd``.
+
+    Neither the temporary file nor ``name`` is reached through a symbolic link: the
+    rename replaces whatever has that name in this very directory.
+    """
+    tmp = f".{name}.tmp-{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp, dir_fd=dir_fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 mode, dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)
         view = memoryview(data)
@@ -28,11 +44,12 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
     os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    with contextlib.suppress(OSError):
+        os.fsync(dir_fd)
 
 
 def fsync_dir(directory: Path) -> None:

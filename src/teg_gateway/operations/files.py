@@ -12,7 +12,9 @@ file changes on disk (found by a poll). Passes never overlap.
 
 Security: a path is resolved (``..`` and symlinks included) and must lie inside one of
 the allowed directories; the gateway's own files (databases, state, credentials) are
-never managed. A refused file never stops the other files.
+never managed. Reads and writes then walk down from the allowed directory without
+following links (``Located``), so swapping a directory for a link after the check leads
+nowhere. A refused file never stops the other files.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -29,11 +32,11 @@ import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from teg_gateway.config import Settings
 from teg_gateway.controller.queue import QUEUE_FILE
-from teg_gateway.fsutil import atomic_write, atomic_write_json, read_json
+from teg_gateway.fsutil import atomic_write_at, atomic_write_json, read_json
 from teg_gateway.store.state import state_dir
 from teg_gateway.store.stores import ARCHIVE_FILE, OUTBOX_FILE
 
@@ -199,6 +202,36 @@ def resolve_path(raw: str, settings: Settings, allowed: list[Path] | None = None
     return real
 
 
+@dataclass(frozen=True)
+class Located:
+    """A managed file: the allowed directory it lies in and the names below it.
+
+    Every access walks down from ``root`` one name at a time without following symbolic
+    links, so a directory swapped for a link after the path was checked cannot lead the
+    gateway outside the allowed directories, for reading or for writing.
+    """
+
+    root: Path
+    parts: tuple[str, ...]
+
+    @property
+    def path(self) -> Path:
+        return self.root.joinpath(*self.parts)
+
+    @property
+    def name(self) -> str:
+        return self.parts[-1]
+
+
+def locate(raw: str, settings: Settings, allowed: list[Path] | None = None) -> Located:
+    """:func:`resolve_path`, split at the (innermost) allowed directory it lies in."""
+    allowed = allowed_dirs(settings) if allowed is None else allowed
+    real = resolve_path(raw, settings, allowed)
+    root = max((d for d in allowed if real != d and real.is_relative_to(d)),
+               key=lambda d: len(d.parts))
+    return Located(root, real.relative_to(root).parts)
+
+
 def encode_content(spec: FileSpec, content: Any, max_bytes: int) -> bytes:
     """The bytes to write for ``content`` in the entry's encoding; FileRefused when the
     content does not fit the encoding or is larger than ``max_bytes``."""
@@ -263,49 +296,115 @@ class _Read:
     problem: str | None = None
 
 
-def _read_file(path: Path, limit: int) -> _Read:
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_parent(loc: Located, create: bool) -> int | None:
+    """A descriptor of the file's directory, reached from the root without following
+    links (created when ``create``); None when a directory is missing. FileRefused when
+    a name on the way is a symbolic link or not a directory."""
+    fd = os.open(loc.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with path.open("rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return _Read(None, _signature(st), NOT_A_FILE)
-            if st.st_size > limit:
-                return _Read(None, _signature(st), TOO_LARGE)
-            return _Read(fh.read(limit + 1), _signature(st))
+        for depth, part in enumerate(loc.parts[:-1]):
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                where = loc.root.joinpath(*loc.parts[:depth + 1])
+                raise FileRefused(f"{where} is not a directory (a symbolic link or a "
+                                  "file): refused, links are not followed here") from None
+            os.close(fd)
+            fd = child
+        opened, fd = fd, -1
+        return opened
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _open_regular(loc: Located) -> tuple[BinaryIO | None, Signature | None, str | None]:
+    """(open file, its signature, None) for a regular file; (None, None, None) when it is
+    missing; (None, signature, NOT_A_FILE) for anything else (a link is not followed,
+    a FIFO never blocks)."""
+    parent = _open_parent(loc, create=False)
+    if parent is None:
+        return None, None, None
+    try:
+        try:
+            fd = os.open(loc.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=parent)
+        except FileNotFoundError:
+            return None, None, None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            st = os.stat(loc.name, dir_fd=parent, follow_symlinks=False)
+            return None, _signature(st), NOT_A_FILE
+    finally:
+        os.close(parent)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None, _signature(st), NOT_A_FILE
+    return os.fdopen(fd, "rb"), _signature(st), None
+
+
+def _signature_of(loc: Located) -> Signature | None:
+    """The file's signature without following a link; None when it is missing."""
+    parent = _open_parent(loc, create=False)
+    if parent is None:
+        return None
+    try:
+        return _signature(os.stat(loc.name, dir_fd=parent, follow_symlinks=False))
     except FileNotFoundError:
-        return _Read(None, None)
-    except IsADirectoryError:
-        return _Read(None, (0, 0, 0, 0), NOT_A_FILE)
+        return None
+    finally:
+        os.close(parent)
 
 
-def _hash_file(path: Path) -> tuple[str | None, Signature | None]:
+def _read_file(loc: Located, limit: int) -> _Read:
+    fh, signature, problem = _open_regular(loc)
+    if fh is None:
+        return _Read(None, signature, problem)
+    with fh:
+        if os.fstat(fh.fileno()).st_size > limit:
+            return _Read(None, signature, TOO_LARGE)
+        return _Read(fh.read(limit + 1), signature)
+
+
+def _hash_file(loc: Located) -> tuple[str | None, Signature | None]:
     """(md5, signature) of a file, streamed; (None, None) when missing."""
-    try:
-        with path.open("rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return None, _signature(st)
-            digest = hashlib.md5(usedforsecurity=False)
-            while chunk := fh.read(1024 * 1024):
-                digest.update(chunk)
-            return digest.hexdigest(), _signature(st)
-    except FileNotFoundError:
-        return None, None
-    except IsADirectoryError:
-        return None, (0, 0, 0, 0)
+    fh, signature, _problem = _open_regular(loc)
+    if fh is None:
+        return None, signature
+    with fh:
+        digest = hashlib.md5(usedforsecurity=False)
+        while chunk := fh.read(1024 * 1024):
+            digest.update(chunk)
+        return digest.hexdigest(), signature
 
 
-def _write_file(path: Path, data: bytes, create_dirs: bool) -> None:
-    if not path.parent.is_dir():
-        if not create_dirs:
-            raise FileRefused(f"directory {path.parent} does not exist and "
-                              "create_if_not_exist is false")
-        path.parent.mkdir(parents=True, exist_ok=True)
+def _write_file(loc: Located, data: bytes, create_dirs: bool) -> None:
+    parent = _open_parent(loc, create=create_dirs)
+    if parent is None:
+        raise FileRefused(f"directory {loc.path.parent} does not exist and "
+                          "create_if_not_exist is false")
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except FileNotFoundError:
-        mode = 0o644
-    atomic_write(path, data, mode)
+        try:
+            st = os.stat(loc.name, dir_fd=parent, follow_symlinks=False)
+            mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else 0o644
+        except FileNotFoundError:
+            mode = 0o644
+        atomic_write_at(parent, loc.name, data, mode)
+    finally:
+        os.close(parent)
 
 
 # -- the manager ----------------------------------------------------------------------------
@@ -437,30 +536,27 @@ class FileManager:
             return True
         for key, spec in self.files.items():
             try:
-                path = resolve_path(spec.path, self.settings)
+                loc = locate(spec.path, self.settings)
             except FileRefused:
                 continue
             known = self._on_disk.get(key)
             if known is None:
                 return True
             try:
-                st = path.stat()
-                signature: Signature | None = _signature(st)
-            except FileNotFoundError:
-                signature = None
-            except OSError:
-                continue
+                signature = _signature_of(loc)
+            except (OSError, FileRefused):
+                return True  # unreadable or refused: let the pass report it
             if signature == known.signature:
                 continue
             try:
-                if signature is not None and st.st_size > THREAD_ABOVE_BYTES:
-                    md5, signature = await asyncio.to_thread(_hash_file, path)
+                if signature is not None and signature[1] > THREAD_ABOVE_BYTES:
+                    md5, signature = await asyncio.to_thread(_hash_file, loc)
                 else:
-                    md5, signature = _hash_file(path)
-            except OSError:
-                return True  # unreadable: let the pass report it
+                    md5, signature = _hash_file(loc)
+            except (OSError, FileRefused):
+                return True
             if md5 != known.md5:
-                log.info("files: %s (%s) changed on the device", key, path)
+                log.info("files: %s (%s) changed on the device", key, loc.path)
                 return True
             known.signature = signature
         return False
@@ -536,7 +632,8 @@ class FileManager:
     async def _reconcile_one(self, key: str, spec: FileSpec, allowed: list[Path],
                              result: PassResult) -> bool:
         """Bring one file to its desired content; True when it was written."""
-        path = resolve_path(spec.path, self.settings, allowed)
+        loc = locate(spec.path, self.settings, allowed)
+        path = loc.path
         desired: bytes | None = None
         refused: FileRefused | None = None
         if key in self.contents:
@@ -544,11 +641,11 @@ class FileManager:
                 desired = encode_content(spec, self.contents[key], self.max_bytes)
             except FileRefused as exc:
                 refused = exc
-        current = await self._read(path)
+        current = await self._read(loc)
         wrote = False
         if desired is not None and current.data != desired:
             try:
-                await self._write(path, desired, spec.create_if_not_exist)
+                await self._write(loc, desired, spec.create_if_not_exist)
             except (OSError, FileRefused) as exc:
                 self._retry.add(key)
                 why = exc if isinstance(exc, FileRefused) else f"write failed: {exc}"
@@ -557,7 +654,7 @@ class FileManager:
             log.info("files: wrote %s (%s, %d bytes)", key, path, len(desired))
             wrote = True
             result.written.append(key)
-            current = await self._read(path)
+            current = await self._read(loc)
         elif desired is not None:
             result.unchanged.append(key)
         self._retry.discard(key)
@@ -572,18 +669,18 @@ class FileManager:
             log.debug("files: no %s%s yet; %s left as it is", CONTENT_PREFIX, key, path)
         return wrote
 
-    async def _read(self, path: Path) -> _Read:
+    async def _read(self, loc: Located) -> _Read:
         try:
-            size = path.stat().st_size
+            size = loc.path.stat().st_size  # only to choose a thread: not trusted
         except OSError:
             size = 0
         if size > THREAD_ABOVE_BYTES:
-            return await asyncio.to_thread(_read_file, path, self.max_bytes)
-        return _read_file(path, self.max_bytes)
+            return await asyncio.to_thread(_read_file, loc, self.max_bytes)
+        return _read_file(loc, self.max_bytes)
 
-    async def _write(self, path: Path, data: bytes, create_dirs: bool) -> None:
+    async def _write(self, loc: Located, data: bytes, create_dirs: bool) -> None:
         # fsync can take long on an SD card: keep it off the event loop.
-        await asyncio.to_thread(_write_file, path, data, create_dirs)
+        await asyncio.to_thread(_write_file, loc, data, create_dirs)
 
     def _mirror(self, spec: FileSpec, current: _Read) -> None:
         value: Any = current.problem or mirror_value(spec, current.data)
