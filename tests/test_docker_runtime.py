@@ -117,6 +117,9 @@ def engine_or_reason(tmp_path_factory: pytest.TempPathFactory
     except EngineUnavailable as exc:
         yield str(exc)
         return
+    except Exception as exc:  # an engine that is there but broken: say how
+        yield f"the container engine could not be prepared: {type(exc).__name__}: {exc}"
+        return
     try:
         yield engine
     finally:
