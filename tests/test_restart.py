@@ -504,6 +504,27 @@ def test_rpc_reboot_is_refused_while_a_restart_is_pending(
         "restart_reason": "The device has not restarted within 2 seconds"}
 
 
+def test_two_rpc_reboots_at_once_start_one_restart(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, rig: Rig) -> None:
+    gateway = make_gateway(config=rig.config([sys.executable, "-c", "pass"], timeout_s=2))
+    gateway.start()
+    rig.wait_registered(gateway)
+    wait_until(lambda: "sys_info" in thingsboard.client_attributes,
+               "the gateway is connected to ThingsBoard", gateway)
+    # The second arrives before the first came back through the local broker.
+    first, second = thingsboard.rpc_async("reboot"), thingsboard.rpc_async("reboot")
+    assert "error" not in thingsboard.wait_rpc_response(first)
+    assert thingsboard.wait_rpc_response(second) == {
+        "message": f"another restart (tb-rpc-{first}) is in progress", "error": True}
+    rig.wait_status(f"tb-rpc-{first}", None, gateway)
+    assert rig.statuses(f"tb-rpc-{first}") == ["init", "executing", "failed", None]
+    assert rig.statuses(f"tb-rpc-{second}") == []  # never asked for on the bus
+    # Once it ended, a reboot is served again.
+    third = thingsboard.rpc_async("reboot")
+    assert "error" not in thingsboard.wait_rpc_response(third)
+    rig.wait_status(f"tb-rpc-{third}", "executing", gateway)
+
+
 def test_rpc_reboot_without_a_local_broker_still_reports_the_outcome(
         make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-reboot"

@@ -104,10 +104,11 @@ class GatewayMethods:
         return {"version": __version__, **self.c.status()}
 
     async def reboot(self, _params: dict[str, Any]) -> Any:
-        pending = self.c.restart.pending()
-        if pending is not None:
-            raise RpcError(f"another restart ({pending.get('id')}) is in progress")
+        other = self.c.restart.in_progress()
+        if other is not None:
+            raise RpcError(f"another restart ({other}) is in progress")
         command_id = f"{RPC_PREFIX}{current_request_id.get()}"
+        self.c.restart.request(command_id)
         topic = f"te/device/main///cmd/restart/{command_id}"
         if self.c.bus_connected.is_set():
             try:

@@ -45,6 +45,8 @@ RPC_PREFIX = "tb-rpc-"
 RECENT_IDS = 50
 PUBLISH_PATIENCE_S = 60.0
 OUTPUT_TAIL = 400
+# An RPC reboot that has not come back through the local bus by then is forgotten.
+REQUEST_TIMEOUT_S = 30.0
 
 Publisher = Callable[[str, bytes], "asyncio.Future[None]"]
 
@@ -85,6 +87,8 @@ class RestartOperation:
         self.report = report
         self._tasks: set[asyncio.Task[None]] = set()
         self._busy = False
+        # An RPC reboot on its way through the local bus: (command id, when asked).
+        self._requested: tuple[str, float] | None = None
 
     # -- persisted state ------------------------------------------------------------------
 
@@ -99,6 +103,24 @@ class RestartOperation:
         """The command being executed, if any."""
         pending = self._state().get("pending")
         return pending if isinstance(pending, dict) else None
+
+    def in_progress(self) -> str | None:
+        """The id of the restart being executed, or asked for by an RPC and not yet
+        taken up (for at most REQUEST_TIMEOUT_S); None when a restart may begin."""
+        pending = self.pending()
+        if pending is not None:
+            return str(pending.get("id"))
+        if self._requested is not None:
+            command_id, asked = self._requested
+            if time.monotonic() - asked < REQUEST_TIMEOUT_S:
+                return command_id
+            self._requested = None
+        return None
+
+    def request(self, command_id: str) -> None:
+        """An RPC asks for restart ``command_id`` (it comes back through the bus, or is
+        started with :meth:`start`): until it is taken up, :meth:`in_progress` names it."""
+        self._requested = (command_id, time.monotonic())
 
     @staticmethod
     def _finished(state: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +203,8 @@ class RestartOperation:
 
     async def _execute(self, command_id: str, command: dict[str, Any], via_bus: bool) -> None:
         topic = f"{RESTART_CAPABILITY}/{command_id}"
+        if self._requested is not None and self._requested[0] == command_id:
+            self._requested = None
         state = self._state()
         if self._busy or isinstance(state.get("pending"), dict):
             other = (state.get("pending") or {}).get("id", "another command")
