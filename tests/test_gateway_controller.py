@@ -85,6 +85,37 @@ if mode == "crash":
 if mode == "crash_once" and run == 1:
     print("crashing", flush=True)
     sys.exit(3)
+if mode in ("bus_on_demand", "bus_once"):
+    # Health on the local bus, retained, once at the start; then only when asked with a
+    # health check command ("bus_on_demand", the thin-edge.io way) or never ("bus_once").
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    topic = "te/device/main/service/test-controller/status/health"
+
+    def up(client):
+        client.publish(topic, json.dumps({"status": "up", "time": time.time()}), qos=1,
+                       retain=True)
+
+    def on_check(client, userdata, msg):
+        if mode == "bus_on_demand":
+            up(client)
+        with (data / "checks.log").open("a") as fh:
+            fh.write(msg.topic + "\\n")
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"controller-{os.getpid()}")
+    client.on_message = on_check
+    client.connect(sys.argv[2], int(sys.argv[3]))
+    client.subscribe([("te/device/main/service/test-controller/cmd/health/check", 1),
+                      ("te/device/main///cmd/health/check", 1)])
+    client.loop_start()
+    up(client)
+    end = time.monotonic() + 60
+    while not stopping and time.monotonic() < end:
+        time.sleep(0.05)
+    client.loop_stop()
+    sys.exit(0)
 if mode.startswith("bus"):
     # Health on the local bus only: {"status": "up"} every 0.2 s, the same text each time
     # ("bus_same") or with the time in it ("bus_time").
@@ -350,6 +381,43 @@ def test_health_on_the_local_bus_keeps_a_controller_from_being_hung(
     late = next(h for h in health_records(thingsboard)
                 if h.get("ms_since_controller_startup", 0) > 5000)
     assert late["ms_since_last_controller_health_check"] < late["ms_since_controller_startup"]
+    assert gateway.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["bus_on_demand", "bus_once"])
+def test_a_bus_service_that_reports_only_when_asked_is_asked_before_it_counts_as_hung(
+        controller: ControllerSetup, thingsboard: FakeThingsBoard, broker: Mosquitto,
+        mode: str) -> None:
+    bus: dict[str, dict[str, Any]] = {
+        "local_mqtt": {"enabled": True, "host": broker.host, "port": broker.plain_port},
+        "health": {"interval_s": 0.5}}
+    gateway = controller.gateway(mode, bus, (broker.host, str(broker.plain_port)),
+                                 health_timeout_s=2.0, health_service="test-controller")
+    gateway.start()
+    wait_connected(thingsboard, gateway)
+    checks = controller.data / "checks.log"
+
+    def asked() -> list[str]:
+        return checks.read_text().splitlines() if checks.exists() else []
+
+    if mode == "bus_once":
+        # Asked, silent all the same: hung, restarted.
+        wait_until(lambda: bool(with_state(thingsboard, "hung")) and len(
+            controller.starts()) >= 2, "the silent controller restarted", gateway)
+        assert asked(), "it was asked before it counted as hung"
+        hung = with_state(thingsboard, "hung")[0]
+        assert hung["controller_last_exit"].startswith("hung: no health signal for ")
+        assert gateway.stop() == 0
+        return
+    wait_until(lambda: any(h.get("ms_since_controller_startup", 0) > 5000
+                           for h in health_records(thingsboard))
+               or bool(with_state(thingsboard, "hung")),
+               "the controller runs over twice the health timeout", gateway)
+    assert with_state(thingsboard, "hung") == []
+    assert len(controller.starts()) == 1
+    assert len(asked()) >= 2
+    assert set(asked()) == {"te/device/main/service/test-controller/cmd/health/check"}
+    assert "no health signal from the controller for" in gateway.log_text()
     assert gateway.stop() == 0
 
 

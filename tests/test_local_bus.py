@@ -7,6 +7,8 @@ test_restart.py and test_rpc.py.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -304,6 +306,59 @@ def test_the_subscriptions_cover_what_is_mapped() -> None:
     assert "te/device/main/service/+/status/health" in subscribed
     assert topics.RESTART_COMMANDS in subscribed
     assert topics.HEALTH_CHECK_ALL in subscribed
+
+
+# -- the bus object on a real broker -------------------------------------------------------
+
+@needs_mosquitto
+def test_a_retained_health_is_forwarded_but_is_no_sign_of_life(local_broker: Mosquitto) -> None:
+    """On every connect the broker sends its stored copy of a service's health again: that
+    copy goes to ThingsBoard (once) but says nothing about the service now; a live
+    message does. Health checks are asked for on the bus."""
+    from teg_gateway.config import LocalMqttSettings
+    from teg_gateway.local.bus import LocalBus
+
+    pump = "te/device/main/service/pump/status/health"
+    asked: list[str] = []
+    with BusClient(local_broker, ["te/device/main/service/pump/cmd/health/check",
+                                  topics.HEALTH_CHECK_ALL],
+                   hook=lambda topic, _payload: asked.append(topic)) as device:
+        device.publish(pump, {"status": "up"}, retain=True)  # from before the gateway
+        signs: list[tuple[str, str]] = []
+        forwarded: list[Mapped] = []
+
+        async def main() -> None:
+            settings = LocalMqttSettings(host=local_broker.host, port=local_broker.plain_port,
+                                         reconnect_max_s=1.0)
+            bus = LocalBus(settings, forwarded.append, lambda _i, _p: None,
+                           lambda name, status: signs.append((name, status)))
+            task = asyncio.create_task(bus.run())
+            try:
+                await asyncio.wait_for(bus.connected.wait(), WAIT)
+                await until(lambda: bool(forwarded), "the retained health forwarded")
+                assert signs == []
+                bus.request_health_check("pump")
+                bus.request_health_check(None)
+                await until(lambda: len(asked) == 2, "the health checks on the bus")
+                await asyncio.to_thread(device.publish, pump, {"status": "up"}, True)
+                await until(lambda: bool(signs), "the live health")
+            finally:
+                await bus.stop()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        asyncio.run(main())
+    assert signs == [("pump", "up")]
+    assert [m.telemetry for m in forwarded] == [{"service.pump.status": "up"}]  # not twice
+    assert asked == ["te/device/main/service/pump/cmd/health/check", topics.HEALTH_CHECK_ALL]
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {WAIT} s: {what}"
+        await asyncio.sleep(0.02)
 
 
 # -- a real gateway on a real local broker ------------------------------------------------

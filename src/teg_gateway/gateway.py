@@ -105,7 +105,8 @@ class Gateway:
                 runtime, settings, controller_state,
                 last_health_check_ms=self._controller_health_check_ms,
                 report=self.report_telemetry,
-                request_sw_version=self._request_sw_version)
+                request_sw_version=self._request_sw_version,
+                ask_health=self._ask_controller_health)
             self.controller_started_ms = self.supervisor.started_at_ms
         self.bus_connected = asyncio.Event()
         self.bus: LocalBus | None = None
@@ -522,6 +523,10 @@ class Gateway:
         wanted = self.settings.controller.health_service
         if self.supervisor is not None and name != SERVICE_NAME and name == (wanted or name):
             self.supervisor.note_health(status)
+
+    def _ask_controller_health(self) -> None:
+        if self.bus is not None:
+            self.bus.request_health_check(self.settings.controller.health_service or None)
 
     def _bus_publish_retained(self, topic: str, payload: bytes) -> asyncio.Future[None]:
         if self.bus is None:

@@ -66,6 +66,7 @@ class MqttConnection:
         tls: ssl.SSLContext | None = None,
         keepalive: int = 60,
         on_message: MessageHandler | None = None,
+        on_retained: MessageHandler | None = None,
         will: Will | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
@@ -83,6 +84,9 @@ class MqttConnection:
         self.client.max_queued_messages_set(0)
         self.keepalive = keepalive
         self._on_message = on_message
+        # A retained message delivered because of a new subscription (the broker's stored
+        # copy, not a live publish) goes to ``on_retained`` when one is given.
+        self._on_retained = on_retained or on_message
         self._connack: asyncio.Future[None] = self._loop.create_future()
         self.closed = asyncio.Event()
         self.close_reason = ""
@@ -119,7 +123,7 @@ class MqttConnection:
         self._post(self._on_suback, mid, [rc.value for rc in rcs])
 
     def _thread_on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self._post(self._deliver, msg.topic, msg.payload)
+        self._post(self._deliver, msg.topic, msg.payload, bool(msg.retain))
 
     # -- event loop side ------------------------------------------------------------------
 
@@ -161,11 +165,12 @@ class MqttConnection:
         if fut is not None and not fut.done():
             fut.set_result(codes)
 
-    def _deliver(self, topic: str, payload: bytes) -> None:
-        if self._on_message is None:
+    def _deliver(self, topic: str, payload: bytes, retained: bool) -> None:
+        handler = self._on_retained if retained else self._on_message
+        if handler is None:
             return
         try:
-            self._on_message(topic, payload)
+            handler(topic, payload)
         except Exception:  # a handler bug must not kill the connection
             log.exception("handling a message on %s failed", topic)
 

@@ -72,7 +72,9 @@ class Supervisor:
 
     ``last_health_check_ms`` reads health_check from the queue database (ms since the
     epoch, 0 when none); ``report`` sends telemetry; ``request_sw_version`` asks
-    ThingsBoard for the shared attribute ``sw_version``; ``clock`` is monotonic seconds.
+    ThingsBoard for the shared attribute ``sw_version``; ``ask_health`` asks the
+    controller's service on the local bus for its health (a health check command) once
+    it has been silent for half the health timeout; ``clock`` is monotonic seconds.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class Supervisor:
         last_health_check_ms: Callable[[], int],
         report: Callable[[dict[str, Any]], None],
         request_sw_version: Callable[[], None],
+        ask_health: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         check_interval_s: float = CHECK_INTERVAL_S,
         no_version_retry_s: float = NO_VERSION_RETRY_S,
@@ -95,6 +98,8 @@ class Supervisor:
         self._last_health_check_ms = last_health_check_ms
         self._report_cb = report
         self._request_sw_version = request_sw_version
+        self._ask_health = ask_health
+        self._last_ask: float | None = None
         self.clock = clock
         self.check_interval_s = check_interval_s
         self.no_version_retry_s = no_version_retry_s
@@ -430,7 +435,17 @@ class Supervisor:
             self.consecutive_failures = 0
             self._report(RUNNING, controller_healthy=True)
         last = max(self._run_started, self._last_signal or self._run_started)
-        return now - last > ctl.health_timeout_s
+        silent = now - last
+        if self._ask_health is not None and silent >= ctl.health_timeout_s / 2 and (
+                self._last_ask is None or now - self._last_ask >= max(
+                    ctl.health_timeout_s / 8, self.check_interval_s)):
+            # A service that reports its health only on change or when asked (the
+            # thin-edge.io way) is asked before it would count as hung.
+            self._last_ask = now
+            log.info("no health signal from the controller for %.0f s: asking its service",
+                     silent)
+            self._ask_health()
+        return silent > ctl.health_timeout_s
 
     # -- helpers --------------------------------------------------------------------------
 

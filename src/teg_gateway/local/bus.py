@@ -73,7 +73,7 @@ class LocalBus:
     async def _connect(self) -> MqttConnection:
         will = Will(HEALTH_TOPIC, json.dumps({"status": "down"}).encode())
         conn = MqttConnection(f"{SERVICE_NAME}-{os.getpid()}", will=will,
-                              on_message=self._on_message)
+                              on_message=self._on_live, on_retained=self._on_retained)
         try:
             await conn.connect(self.settings.host, self.settings.port, timeout=10.0)
             await conn.subscribe([*topics.SUBSCRIPTIONS, HEALTH_CHECK_TOPIC])
@@ -132,7 +132,22 @@ class LocalBus:
                     HEALTH_TOPIC, json.dumps({"status": "down"}).encode(), retain=True), 2.0)
         self._stopping.set()
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def request_health_check(self, service: str | None) -> None:
+        """Ask ``service`` (every service of the main device when None) to publish its
+        health now; nothing when the broker is not connected."""
+        if self.connection is None:
+            return
+        topic = (f"te/{topics.service_topic_id(service)}/cmd/health/check" if service
+                 else topics.HEALTH_CHECK_ALL)
+        self.publish(topic, b"{}").add_done_callback(_ignore)
+
+    def _on_live(self, topic: str, payload: bytes) -> None:
+        self._route(topic, payload, live=True)
+
+    def _on_retained(self, topic: str, payload: bytes) -> None:
+        self._route(topic, payload, live=False)
+
+    def _route(self, topic: str, payload: bytes, live: bool) -> None:
         if topic in (HEALTH_CHECK_TOPIC, topics.HEALTH_CHECK_ALL):
             self.publish_health()
             return
@@ -146,9 +161,11 @@ class LocalBus:
         if parsed.channel == ("status", "health") and parsed.service:
             if parsed.service == SERVICE_NAME:
                 return
-            # Every health message is a sign of life, even one equal to the last: only
-            # the forwarding to ThingsBoard below skips repeats.
-            self.on_service_health(parsed.service, _health_status(payload))
+            # Every live health message is a sign of life, even one equal to the last:
+            # only the forwarding to ThingsBoard below skips repeats. A retained copy
+            # (sent again on every connect) says nothing about now.
+            if live:
+                self.on_service_health(parsed.service, _health_status(payload))
         retained_kind = parsed.channel[0] in ("a", "twin") or parsed.channel == (
             "status", "health")
         if retained_kind:
