@@ -263,6 +263,7 @@ def test_invalid_environment_is_a_config_error_naming_it(tmp_path: Path, env: di
     ("[thingsbored]\nhost = \"x\"\n", "thingsbored"),
     ("thingsboard = 1\n", "thingsboard"),
     ("[thingsboard\nhost = \"x\"\n", "not valid TOML"),
+    ("[ota]\nurl_ca_cert = \"/no/such/ca.pem\"\n", "ota.url_ca_cert: no such file"),
 ])
 def test_invalid_file_is_a_config_error_naming_it(tmp_path: Path, text: str,
                                                   named: str) -> None:

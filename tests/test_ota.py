@@ -10,12 +10,16 @@ import hashlib
 import io
 import json
 import os
+import ssl
 import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 import zipfile
 import zlib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ from teg_gateway.operations.ota import (
     file_checksum_matches,
     unpack_package,
 )
+from teg_gateway.sandbox.certs import Pki
 from teg_gateway.sandbox.process import GatewayProcess
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
 
@@ -289,6 +294,121 @@ def test_old_versions_are_removed_keeping_the_running_one_and_its_predecessor(
     log = gateway.log_text()
     assert "removing old controller version 1.0" in log
     assert "removing old controller version 2.0" in log
+    assert gateway.stop() == 0
+
+
+class PackageServer:
+    """A real HTTPS server (the test PKI) for packages stored outside ThingsBoard: serves
+    ``files`` at ``/pkg/<name>`` with range requests, and records each request's path
+    and Range header. ``cut_after`` makes the next answer stop after that many bytes."""
+
+    def __init__(self, pki: Pki) -> None:
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.cut_after: int | None = None
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.requests.append((self.path, self.headers.get("Range")))
+                data = server.files.get(self.path.removeprefix("/pkg/"))
+                if data is None:
+                    self.send_error(404, "no such package")
+                    return
+                start = 0
+                wanted = self.headers.get("Range") or ""
+                if wanted.startswith("bytes=") and wanted.endswith("-"):
+                    start = int(wanted[6:-1])
+                    self.send_response(206)
+                    self.send_header("Content-Range",
+                                     f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                body = data[start:]
+                if server.cut_after is not None:
+                    body, server.cut_after = body[:server.cut_after], None
+                    self.close_connection = True
+                self.wfile.write(body)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pki.server_cert, pki.server_key)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str, scheme: str = "https") -> str:
+        return f"{scheme}://localhost:{self.httpd.server_address[1]}/pkg/{name}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def package_server(pki: Pki) -> Iterator[PackageServer]:
+    server = PackageServer(pki)
+    yield server
+    server.close()
+
+
+@needs_mosquitto
+def test_package_from_a_url_resumes_after_a_cut_connection(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, data_dir: Path,
+        package_server: PackageServer, pki: Pki) -> None:
+    gateway = start_gateway(make_gateway, thingsboard, data_dir, url_ca_cert=str(pki.ca_cert))
+    package = tar_gz(controller_files("healthy", os.urandom(300_000)))
+    package_server.files["ctl-2.0.tar.gz"] = package
+    package_server.cut_after = 100_000
+    thingsboard.set_shared({"sw_title": "ctl", "sw_version": "2.0",
+                            "sw_url": package_server.url("ctl-2.0.tar.gz"),
+                            "sw_checksum": hashlib.sha256(package).hexdigest(),
+                            "sw_checksum_algorithm": "SHA256", "sw_size": len(package)})
+    thingsboard.wait_for(lambda: "UPDATED" in states(thingsboard) or "FAILED" in states(
+        thingsboard), timeout=30, message=f"no result: {states(thingsboard)}")
+    assert states(thingsboard) == ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "UPDATING",
+                                   "UPDATED"], thingsboard.telemetry_values("sw_error")
+    # Cut after 100,000 bytes, then resumed from there, not from byte 0.
+    assert package_server.requests == [("/pkg/ctl-2.0.tar.gz", None),
+                                       ("/pkg/ctl-2.0.tar.gz", "bytes=100000-")]
+    assert thingsboard.chunk_requests == 0
+    assert running_version(data_dir) == "2.0"
+    assert (data_dir / "controller" / "versions" / "2.0" / "payload.bin").stat().st_size \
+        == 300_000
+    assert "the connection ended after 100000 of" in gateway.log_text() or \
+        "the connection broke at byte 100000" in gateway.log_text()
+    assert gateway.stop() == 0
+
+
+@needs_mosquitto
+def test_package_urls_refused_and_one_without_a_checksum(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, data_dir: Path,
+        package_server: PackageServer, pki: Pki) -> None:
+    gateway = start_gateway(make_gateway, thingsboard, data_dir, url_ca_cert=str(pki.ca_cert))
+    package_server.files["ctl.tar.gz"] = tar_gz(controller_files("healthy"))
+    for version, url, error in (
+            ("2.0", package_server.url("ctl.tar.gz", "http"),
+             "(plain http needs [ota] allow_http = true)"),
+            ("3.0", package_server.url("missing.tar.gz"), "HTTP 404"),
+            ("4.0", "ftp://localhost/ctl.tar.gz", "is not an https URL")):
+        thingsboard.clear()
+        thingsboard.set_shared({"sw_title": "ctl", "sw_version": version, "sw_url": url})
+        thingsboard.wait_for(lambda: "FAILED" in states(thingsboard), timeout=30,
+                             message=f"{version} did not fail: {states(thingsboard)}")
+        assert error in thingsboard.telemetry_values("sw_error")[-1]
+        assert running_version(data_dir) == "1.0"
+    thingsboard.clear()
+    thingsboard.set_shared({"sw_title": "ctl", "sw_version": "5.0",
+                            "sw_url": package_server.url("ctl.tar.gz")})
+    thingsboard.wait_for(lambda: "UPDATED" in states(thingsboard) or "FAILED" in states(
+        thingsboard), timeout=30, message=f"no result: {states(thingsboard)}")
+    assert states(thingsboard)[-1] == "UPDATED", thingsboard.telemetry_values("sw_error")
+    assert "comes without a checksum: its integrity rests on TLS alone" in gateway.log_text()
     assert gateway.stop() == 0
 
 

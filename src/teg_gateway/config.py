@@ -216,6 +216,9 @@ class OtaSettings:
                                      check="positive")
     max_package_bytes: int = setting(512 * 1024 * 1024, "largest package accepted",
                                      check="positive")
+    url_ca_cert: str = setting("", "extra CA certificate (PEM) trusted for sw_url downloads, "
+                                   "besides the system's")
+    allow_http: bool = setting(False, "allow sw_url downloads over plain http (no TLS)")
 
 
 @dataclass
@@ -435,6 +438,8 @@ def _check_whole(settings: Settings, require_data: bool, require_host: bool = Fa
     if tb.ca_cert and not Path(tb.ca_cert).is_file():
         raise ConfigError(f"setting thingsboard.ca_cert (THINGSBOARD_CA_CERT): no such file: "
                           f"{tb.ca_cert}")
+    if settings.ota.url_ca_cert and not Path(settings.ota.url_ca_cert).is_file():
+        raise ConfigError(f"setting ota.url_ca_cert: no such file: {settings.ota.url_ca_cert}")
 
 
 def settings_table() -> list[tuple[str, str, str, str]]:

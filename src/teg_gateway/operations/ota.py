@@ -6,7 +6,9 @@ Two kinds of release:
 - a *package* stored in ThingsBoard (``sw_checksum`` is announced with the version): it
   is downloaded in chunks over MQTT, streamed to ``<data>/ota/<version>.part`` (resumed
   after a reconnect or a restart), verified with the named checksum algorithm and
-  unpacked (.tar.gz or .zip) into ``<data>/controller/versions/<version>/``;
+  unpacked (.tar.gz or .zip) into ``<data>/controller/versions/<version>/``; a package
+  stored elsewhere (``sw_url``) is fetched over https instead (``download.py``), and
+  verified when a checksum comes with it;
 - a *git release* (no checksum, ``TEG_CONTROLLER_GIT_PATH`` set): ``sw_version`` is a tag
   or commit, exported into the same directory by ``runtime.export_version``.
 
@@ -31,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import ssl
 import tarfile
 import time
 import zipfile
@@ -50,6 +53,7 @@ from teg_gateway.controller.runtime import (
 )
 from teg_gateway.controller.supervisor import RUNNING, Supervisor
 from teg_gateway.fsutil import fsync_dir
+from teg_gateway.operations.download import DownloadError, UrlDownload, check_url, tls_context
 from teg_gateway.store.state import StateFile
 
 log = logging.getLogger(__name__)
@@ -73,6 +77,7 @@ P_UPDATED = "updated"
 P_FAILED = "failed"
 
 PACKAGE = "package"
+URL = "url"
 GIT = "git"
 
 #: The shared attributes OTA needs, asked for on every connect.
@@ -298,7 +303,13 @@ class OtaManager:
         saved = self.state.read()
         title = str(changes.get("sw_title") or version)
         desired: dict[str, Any] = {"title": title, "version": version}
-        if changes.get("sw_checksum"):
+        if changes.get("sw_url"):
+            desired.update(kind=URL, url=str(changes["sw_url"]),
+                           checksum=str(changes.get("sw_checksum") or ""),
+                           algorithm=str(changes.get("sw_checksum_algorithm") or "SHA256"),
+                           size=changes.get("sw_size"))
+            self.state.update(package_info=desired)
+        elif changes.get("sw_checksum"):
             desired.update(kind=PACKAGE, checksum=str(changes["sw_checksum"]),
                            algorithm=str(changes.get("sw_checksum_algorithm") or "SHA256"),
                            size=changes.get("sw_size"))
@@ -314,7 +325,8 @@ class OtaManager:
         old = saved.get("desired")
         if isinstance(old, dict) and old.get("version") == version and \
                 old.get("kind") == desired.get("kind") and \
-                old.get("checksum") == desired.get("checksum"):
+                old.get("checksum") == desired.get("checksum") and \
+                old.get("url") == desired.get("url"):
             return
         log.info("controller update wanted: %s %s (%s)", title, version, desired["kind"])
         fields: dict[str, Any] = {"desired": desired}
@@ -379,6 +391,7 @@ class OtaManager:
         if isinstance(job, dict) and job.get("version") == version and \
                 job.get("kind") == desired.get("kind") and \
                 job.get("checksum") == desired.get("checksum") and \
+                job.get("url") == desired.get("url") and \
                 phase in (P_DOWNLOADING, P_DOWNLOADED, P_VERIFIED):
             await self._work(job, phase)
             return
@@ -419,7 +432,8 @@ class OtaManager:
                 part = self._part_path(job)
                 if phase == P_DOWNLOADING:
                     self._report(DOWNLOADING)
-                    if not await self._download(job, part):
+                    fetch = self._download_url if job["kind"] == URL else self._download
+                    if not await fetch(job, part):
                         return  # superseded by another sw_version
                     self.state.update(phase=P_DOWNLOADED)
                     self._report(DOWNLOADED)
@@ -559,9 +573,35 @@ class OtaManager:
         if not fut.cancelled():
             fut.exception()
 
+    async def _download_url(self, job: dict[str, Any], part: Path) -> bool:
+        """Fetch the package from ``sw_url`` into ``part``; False when superseded."""
+        ota = self.settings.ota
+        size = job.get("size")
+        try:
+            check_url(job["url"], ota.allow_http)
+            download = UrlDownload(
+                job["url"], part, size=size if isinstance(size, int) and size >= 0 else None,
+                max_bytes=ota.max_package_bytes, context=tls_context(ota.url_ca_cert),
+                timeout_s=ota.chunk_timeout_s, superseded=lambda: self._superseded(job))
+            if part.exists() and part.stat().st_size:
+                self.state.update(job={**job, "restarted": True})
+                job["restarted"] = True
+            done = await download.run()
+        except (DownloadError, ssl.SSLError, OSError) as exc:
+            part.unlink(missing_ok=True)
+            raise OtaError(str(exc)) from None
+        if done:
+            log.info("package %s downloaded from %s: %d bytes", job["version"], job["url"],
+                     part.stat().st_size)
+        return done
+
     async def _verify(self, job: dict[str, Any], part: Path) -> None:
         algorithm = str(job.get("algorithm") or "SHA256").upper()
         expected = str(job.get("checksum") or "")
+        if not expected and job.get("kind") == URL:
+            log.warning("package %s from %s comes without a checksum: its integrity rests "
+                        "on TLS alone", job["version"], job["url"])
+            return
         _new_hasher(algorithm)  # an unknown algorithm fails before hashing
         ok, actual = await asyncio.to_thread(file_checksum_matches, part, algorithm, expected)
         if ok:

@@ -1,0 +1,170 @@
+"""Download of an OTA package from ``sw_url`` (a package stored outside ThingsBoard).
+
+Streamed to the ``.part`` file the chunked download uses, resumed with an HTTP range
+request after a broken connection or a gateway restart, TLS verified against the
+system's CAs (plus ``[ota] url_ca_cert``); plain http only with ``[ota] allow_http``.
+A refusal by the server (4xx) fails the update; anything else (no network, 5xx, a cut
+connection) is tried again with backoff for as long as the version is wanted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from http.client import HTTPException, HTTPResponse
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from teg_gateway.backoff import Backoff
+
+log = logging.getLogger(__name__)
+
+BLOCK = 64 * 1024
+FSYNC_EVERY_BYTES = 1024 * 1024
+
+
+class DownloadError(Exception):
+    """The package cannot be downloaded (the message says why); not worth retrying."""
+
+
+class _Retry(Exception):
+    """A failure worth trying again."""
+
+
+class _Superseded(Exception):
+    """Another version became wanted during the download."""
+
+
+def check_url(url: str, allow_http: bool) -> None:
+    """DownloadError unless ``url`` is https (or http when allowed) with a host."""
+    parts = urlsplit(url)
+    schemes = ("https", "http") if allow_http else ("https",)
+    if parts.scheme not in schemes or not parts.hostname:
+        allowed = " or ".join(schemes)
+        hint = "" if allow_http or parts.scheme != "http" else \
+            " (plain http needs [ota] allow_http = true)"
+        raise DownloadError(f"sw_url {url!r} is not an {allowed} URL{hint}")
+
+
+def tls_context(extra_ca: str) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    if extra_ca:
+        context.load_verify_locations(cafile=extra_ca)
+    return context
+
+
+class UrlDownload:
+    """Fetches ``url`` into ``part``; :meth:`run` returns False when ``superseded()``
+    became true meanwhile (the download is abandoned)."""
+
+    def __init__(self, url: str, part: Path, *, size: int | None, max_bytes: int,
+                 context: ssl.SSLContext, timeout_s: float,
+                 superseded: Callable[[], bool], backoff: Backoff | None = None) -> None:
+        self.url = url
+        self.part = part
+        self.size = size
+        self.max_bytes = max_bytes
+        self.context = context
+        self.timeout_s = timeout_s
+        self.superseded = superseded
+        self.backoff = backoff or Backoff(1.0, 60.0)
+        #: Requests made, and the byte offset each asked to start at.
+        self.requests: list[int] = []
+
+    async def run(self) -> bool:
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            if self.superseded():
+                return False
+            try:
+                if await self._attempt():
+                    return True
+            except _Superseded:
+                return False
+            except _Retry as exc:
+                delay = self.backoff.next_delay()
+                log.warning("download from %s: %s; trying again in %.1f s",
+                            self.url, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _attempt(self) -> bool:
+        """One request, continuing the partial file; True when it is complete."""
+        have = self.part.stat().st_size if self.part.exists() else 0
+        if self.size is not None and have > self.size:
+            self.part.unlink()
+            have = 0
+        if self.size is not None and have == self.size and have > 0:
+            return True
+        request = urllib.request.Request(self.url, headers={"Accept-Encoding": "identity"})
+        if have:
+            request.add_header("Range", f"bytes={have}-")
+        self.requests.append(have)
+        try:
+            response: HTTPResponse = await asyncio.to_thread(
+                urllib.request.urlopen, request, timeout=self.timeout_s, context=self.context)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416 and have and self.size is None:
+                return True  # asked past the end: the file was complete
+            if 400 <= exc.code < 500:
+                raise DownloadError(f"the server refused {self.url}: HTTP {exc.code} "
+                                    f"{exc.reason}") from None
+            raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
+        except (urllib.error.URLError, OSError, HTTPException) as exc:
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise DownloadError(f"the TLS certificate of {self.url} does not verify: "
+                                    f"{reason.verify_message}") from None
+            raise _Retry(str(reason)) from None
+        with response:
+            if have and response.status != 206:
+                log.info("%s does not resume downloads: starting again from byte 0", self.url)
+                have = 0
+            length = response.getheader("Content-Length")
+            total = have + int(length) if length and length.isdigit() else None
+            if self.size is not None and total is not None and total != self.size:
+                raise DownloadError(f"{self.url} has {total} bytes, sw_size announced "
+                                    f"{self.size}")
+            if (total or 0) > self.max_bytes:
+                raise DownloadError(f"package of {total} bytes is larger than [ota] "
+                                    f"max_package_bytes ({self.max_bytes})")
+            have = await self._copy(response, have)
+        if total is not None and have < total:
+            raise _Retry(f"the connection ended after {have} of {total} bytes")
+        if self.size is not None and have != self.size:
+            raise _Retry(f"received {have} bytes, sw_size announced {self.size}")
+        self.backoff.reset()
+        return True
+
+    async def _copy(self, response: HTTPResponse, offset: int) -> int:
+        """Append the body to the part file from ``offset``; the new length."""
+        fd = os.open(self.part, os.O_WRONLY | os.O_CREAT, 0o644)
+        unsynced = 0
+        try:
+            os.ftruncate(fd, offset)
+            while True:
+                if self.superseded():
+                    raise _Superseded
+                try:
+                    data = await asyncio.to_thread(response.read, BLOCK)
+                except (OSError, ValueError, HTTPException) as exc:
+                    raise _Retry(f"the connection broke at byte {offset}: {exc!r}") from None
+                if not data:
+                    break
+                if offset + len(data) > self.max_bytes:
+                    raise DownloadError(f"package larger than [ota] max_package_bytes "
+                                        f"({self.max_bytes})")
+                os.pwrite(fd, data, offset)
+                offset += len(data)
+                unsynced += len(data)
+                if unsynced >= FSYNC_EVERY_BYTES:
+                    await asyncio.to_thread(os.fsync, fd)
+                    unsynced = 0
+        finally:
+            await asyncio.to_thread(os.fsync, fd)
+            os.close(fd)
+        return offset
