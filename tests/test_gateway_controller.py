@@ -357,6 +357,29 @@ def test_a_controller_that_stops_writing_health_checks_is_restarted(
     assert gateway.stop() == 0
 
 
+def bus_health_gateway(controller: ControllerSetup, thingsboard: FakeThingsBoard,
+                       broker: Mosquitto, mode: str, **settings: Any) -> GatewayProcess:
+    """A connected gateway whose controller (in ``mode``) gives its health on the local
+    bus (here the same mosquitto), with a health timeout of 2 s."""
+    bus: dict[str, dict[str, Any]] = {
+        "local_mqtt": {"enabled": True, "host": broker.host, "port": broker.plain_port},
+        "health": {"interval_s": 0.5}}
+    gateway = controller.gateway(mode, bus, (broker.host, str(broker.plain_port)),
+                                 health_timeout_s=2.0, **settings)
+    gateway.start()
+    wait_connected(thingsboard, gateway)
+    return gateway
+
+
+def wait_past_twice_the_health_timeout(thingsboard: FakeThingsBoard,
+                                       gateway: GatewayProcess) -> None:
+    """Until the controller has run over 5 s (or was found hung)."""
+    wait_until(lambda: any(h.get("ms_since_controller_startup", 0) > 5000
+                           for h in health_records(thingsboard))
+               or bool(with_state(thingsboard, "hung")),
+               "the controller runs over twice the health timeout", gateway)
+
+
 @pytest.mark.parametrize("mode", [
     "bus_time",
     "bus_same",
@@ -364,18 +387,8 @@ def test_a_controller_that_stops_writing_health_checks_is_restarted(
 def test_health_on_the_local_bus_keeps_a_controller_from_being_hung(
         controller: ControllerSetup, thingsboard: FakeThingsBoard, broker: Mosquitto,
         mode: str) -> None:
-    bus: dict[str, dict[str, Any]] = {
-        "local_mqtt": {"enabled": True, "host": broker.host, "port": broker.plain_port},
-        "health": {"interval_s": 0.5}}
-    gateway = controller.gateway(mode, bus, (broker.host, str(broker.plain_port)),
-                                 health_timeout_s=2.0)
-    gateway.start()
-    wait_connected(thingsboard, gateway)
-    # Running over twice the health timeout, with no health check in the queue database.
-    wait_until(lambda: any(h.get("ms_since_controller_startup", 0) > 5000
-                           for h in health_records(thingsboard))
-               or bool(with_state(thingsboard, "hung")),
-               "the controller runs over twice the health timeout", gateway)
+    gateway = bus_health_gateway(controller, thingsboard, broker, mode)
+    wait_past_twice_the_health_timeout(thingsboard, gateway)
     assert with_state(thingsboard, "hung") == []
     assert len(controller.starts()) == 1
     late = next(h for h in health_records(thingsboard)
@@ -388,13 +401,8 @@ def test_health_on_the_local_bus_keeps_a_controller_from_being_hung(
 def test_a_bus_service_that_reports_only_when_asked_is_asked_before_it_counts_as_hung(
         controller: ControllerSetup, thingsboard: FakeThingsBoard, broker: Mosquitto,
         mode: str) -> None:
-    bus: dict[str, dict[str, Any]] = {
-        "local_mqtt": {"enabled": True, "host": broker.host, "port": broker.plain_port},
-        "health": {"interval_s": 0.5}}
-    gateway = controller.gateway(mode, bus, (broker.host, str(broker.plain_port)),
-                                 health_timeout_s=2.0, health_service="test-controller")
-    gateway.start()
-    wait_connected(thingsboard, gateway)
+    gateway = bus_health_gateway(controller, thingsboard, broker, mode,
+                                 health_service="test-controller")
     checks = controller.data / "checks.log"
 
     def asked() -> list[str]:
@@ -409,10 +417,7 @@ def test_a_bus_service_that_reports_only_when_asked_is_asked_before_it_counts_as
         assert hung["controller_last_exit"].startswith("hung: no health signal for ")
         assert gateway.stop() == 0
         return
-    wait_until(lambda: any(h.get("ms_since_controller_startup", 0) > 5000
-                           for h in health_records(thingsboard))
-               or bool(with_state(thingsboard, "hung")),
-               "the controller runs over twice the health timeout", gateway)
+    wait_past_twice_the_health_timeout(thingsboard, gateway)
     assert with_state(thingsboard, "hung") == []
     assert len(controller.starts()) == 1
     assert len(asked()) >= 2

@@ -460,13 +460,21 @@ def test_an_unreadable_boot_id_fails_the_restart(make_gateway: GatewayFactory,
 # -- the RPC reboot -----------------------------------------------------------------------
 
 
-def test_rpc_reboot_goes_through_the_restart_operation_and_clears_its_command(
-        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, rig: Rig) -> None:
-    gateway = make_gateway(config=rig.config(rig.reboot_command("reboot")))
+def rpc_gateway(make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, rig: Rig,
+                config: dict[str, dict[str, Any]]) -> GatewayProcess:
+    """A gateway on the rig's local broker, registered there and connected to ThingsBoard."""
+    gateway = make_gateway(config=config)
     gateway.start()
     rig.wait_registered(gateway)
     wait_until(lambda: "sys_info" in thingsboard.client_attributes,
                "the gateway is connected to ThingsBoard", gateway)
+    return gateway
+
+
+def test_rpc_reboot_goes_through_the_restart_operation_and_clears_its_command(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, rig: Rig) -> None:
+    gateway = rpc_gateway(make_gateway, thingsboard, rig,
+                          rig.config(rig.reboot_command("reboot")))
     request_id = thingsboard.rpc_async("reboot")
     command_id = f"tb-rpc-{request_id}"
     assert thingsboard.wait_rpc_response(request_id) == {
@@ -486,11 +494,8 @@ def test_rpc_reboot_goes_through_the_restart_operation_and_clears_its_command(
 
 def test_rpc_reboot_is_refused_while_a_restart_is_pending(
         make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, rig: Rig) -> None:
-    gateway = make_gateway(config=rig.config([sys.executable, "-c", "pass"], timeout_s=2))
-    gateway.start()
-    rig.wait_registered(gateway)
-    wait_until(lambda: "sys_info" in thingsboard.client_attributes,
-               "the gateway is connected to ThingsBoard", gateway)
+    gateway = rpc_gateway(make_gateway, thingsboard, rig,
+                          rig.config([sys.executable, "-c", "pass"], timeout_s=2))
     first = thingsboard.rpc_async("reboot")
     assert "error" not in thingsboard.wait_rpc_response(first)
     rig.wait_status(f"tb-rpc-{first}", "executing", gateway)
@@ -506,11 +511,8 @@ def test_rpc_reboot_is_refused_while_a_restart_is_pending(
 
 def test_two_rpc_reboots_at_once_start_one_restart(
         make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, rig: Rig) -> None:
-    gateway = make_gateway(config=rig.config([sys.executable, "-c", "pass"], timeout_s=2))
-    gateway.start()
-    rig.wait_registered(gateway)
-    wait_until(lambda: "sys_info" in thingsboard.client_attributes,
-               "the gateway is connected to ThingsBoard", gateway)
+    gateway = rpc_gateway(make_gateway, thingsboard, rig,
+                          rig.config([sys.executable, "-c", "pass"], timeout_s=2))
     # The second arrives before the first came back through the local broker.
     first, second = thingsboard.rpc_async("reboot"), thingsboard.rpc_async("reboot")
     assert "error" not in thingsboard.wait_rpc_response(first)

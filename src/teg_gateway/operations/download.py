@@ -16,6 +16,7 @@ import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from http.client import HTTPException, HTTPResponse
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -58,23 +59,19 @@ def tls_context(extra_ca: str) -> ssl.SSLContext:
     return context
 
 
+@dataclass
 class UrlDownload:
     """Fetches ``url`` into ``part``; :meth:`run` returns False when ``superseded()``
     became true meanwhile (the download is abandoned)."""
 
-    def __init__(self, url: str, part: Path, *, size: int | None, max_bytes: int,
-                 context: ssl.SSLContext, timeout_s: float,
-                 superseded: Callable[[], bool], backoff: Backoff | None = None) -> None:
-        self.url = url
-        self.part = part
-        self.size = size
-        self.max_bytes = max_bytes
-        self.context = context
-        self.timeout_s = timeout_s
-        self.superseded = superseded
-        self.backoff = backoff or Backoff(1.0, 60.0)
-        #: Requests made, and the byte offset each asked to start at.
-        self.requests: list[int] = []
+    url: str
+    part: Path
+    size: int | None
+    max_bytes: int
+    context: ssl.SSLContext
+    timeout_s: float
+    superseded: Callable[[], bool]
+    backoff: Backoff = field(default_factory=lambda: Backoff(1.0, 60.0))
 
     async def run(self) -> bool:
         self.part.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +100,6 @@ class UrlDownload:
         request = urllib.request.Request(self.url, headers={"Accept-Encoding": "identity"})
         if have:
             request.add_header("Range", f"bytes={have}-")
-        self.requests.append(have)
         try:
             response: HTTPResponse = await asyncio.to_thread(
                 urllib.request.urlopen, request, timeout=self.timeout_s, context=self.context)
