@@ -353,7 +353,8 @@ def test_restart_controller_restarts_the_supervised_controller(
     reply = thingsboard.rpc("restart_controller", {"reason": "test"})
     assert "error" not in reply, reply
     assert reply["message"].startswith("controller restarted (")
-    assert len(starts.read_text().split()) == 2
+    # Started: the new process writes its pid once the interpreter is up.
+    wait_until(lambda: len(starts.read_text().split()) == 2, "the new run", gateway)
     wait_until(lambda: "RPC restart_controller: test" in thingsboard.telemetry_values(
         "controller_restart_reason"), "the reason is reported", gateway)
     # Without params too; and a reason that is not text is refused.
