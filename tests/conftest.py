@@ -29,6 +29,15 @@ FAST_CONFIG: dict[str, dict[str, Any]] = {
 }
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie waiting to be reaped is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X")
+
+
 def render_toml(config: dict[str, dict[str, Any]]) -> str:
     """TOML text of ``{section: {key: value}}`` (strings, numbers, booleans, lists)."""
     lines = []

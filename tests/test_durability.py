@@ -260,24 +260,42 @@ def test_corrupt_outbox_at_start_is_moved_aside_and_reported(make_gateway: Gatew
     assert_clean_log(gateway)
 
 
+def freeze_with_records_in_flight(gateway: GatewayProcess, broker: Mosquitto,
+                                  thingsboard: FakeThingsBoard,
+                                  queue_writer: QueueWriter) -> None:
+    """Start the gateway, deliver seq 0-999, freeze the broker, and let the gateway take
+    seq 1000-2999, which ThingsBoard cannot acknowledge. The caller resumes the broker."""
+    gateway.start()
+    wait_connected(thingsboard, gateway)
+    queue_writer.write(make_records(1000, start_seq=0))
+    wait_delivered(thingsboard, range(1000), gateway)
+    broker.pause()
+    queue_writer.write(make_records(2000, start_seq=1000))
+    wait_until(lambda: queue_writer.pending() == 0, "the gateway takes the records", gateway)
+
+
+def restart_and_deliver_all(gateway: GatewayProcess, thingsboard: FakeThingsBoard,
+                            report: Report) -> None:
+    """Start the gateway again: seq 0-2999 all arrive, few duplicates, a clean stop."""
+    gateway.start()
+    result = wait_delivered(thingsboard, range(3000), gateway)
+    report(f"after the restart: {result.describe()}")
+    assert result.unexpected == []
+    assert result.duplicates <= duplicate_bound(1, INFLIGHT, PAYLOAD)
+    assert gateway.stop() == 0
+    assert_clean_log(gateway)
+
+
 def test_graceful_shutdown_keeps_unacknowledged_records(make_gateway: GatewayFactory, *,
                                                         broker: Mosquitto,
                                                         thingsboard: FakeThingsBoard,
                                                         queue_writer: QueueWriter,
                                                         data_dir: Path,
                                                         report: Report) -> None:
-    config = {**STREAM_CONFIG, "shutdown": {"timeout_s": 25.0, "drain_s": 1.0}}
-    gateway = make_gateway(config)
-    gateway.start()
-    wait_connected(thingsboard, gateway)
-    queue_writer.write(make_records(1000, start_seq=0))
-    wait_delivered(thingsboard, range(1000), gateway)
-
-    broker.pause()
+    gateway = make_gateway({**STREAM_CONFIG,
+                            "shutdown": {"timeout_s": 25.0, "drain_s": 1.0}})
+    freeze_with_records_in_flight(gateway, broker, thingsboard, queue_writer)
     try:
-        queue_writer.write(make_records(2000, start_seq=1000))
-        wait_until(lambda: queue_writer.pending() == 0, "the gateway takes the records",
-                   gateway)
         code = gateway.stop(timeout=WAIT)
     finally:
         broker.resume()
@@ -289,17 +307,7 @@ def test_graceful_shutdown_keeps_unacknowledged_records(make_gateway: GatewayFac
     assert set(range(1000, 3000)) <= set(left), "unacknowledged records stay in the outbox"
     assert query(data_dir / "outbox.db", "PRAGMA integrity_check") == [("ok",)]
 
-    gateway.start()
-    result = wait_delivered(thingsboard, range(3000), gateway)
-    report(f"after the restart: {result.describe()}")
-    assert result.unexpected == []
-    assert result.duplicates <= duplicate_bound(1, INFLIGHT, PAYLOAD)
-    assert gateway.stop() == 0
-    assert_clean_log(gateway)
-    wait_until_empty(data_dir)
-
-
-def wait_until_empty(data_dir: Path) -> None:
+    restart_and_deliver_all(gateway, thingsboard, report)
     left = outbox_seqs(data_dir)
     assert left == [], f"{len(left)} records still in the outbox after a clean stop"
 
@@ -309,18 +317,10 @@ def test_forced_shutdown_exits_3_and_loses_nothing(make_gateway: GatewayFactory,
                                                    thingsboard: FakeThingsBoard,
                                                    queue_writer: QueueWriter,
                                                    data_dir: Path, report: Report) -> None:
-    config = {**STREAM_CONFIG, "shutdown": {"timeout_s": 2.0, "drain_s": 10.0}}
-    gateway = make_gateway(config)
-    gateway.start()
-    wait_connected(thingsboard, gateway)
-    queue_writer.write(make_records(1000, start_seq=0))
-    wait_delivered(thingsboard, range(1000), gateway)
-
-    broker.pause()
+    gateway = make_gateway({**STREAM_CONFIG,
+                            "shutdown": {"timeout_s": 2.0, "drain_s": 10.0}})
+    freeze_with_records_in_flight(gateway, broker, thingsboard, queue_writer)
     try:
-        queue_writer.write(make_records(2000, start_seq=1000))
-        wait_until(lambda: queue_writer.pending() == 0, "the gateway takes the records",
-                   gateway)
         gateway.signal(signal.SIGTERM)
         code = gateway.wait(WAIT)
         left = outbox_seqs(data_dir)
@@ -332,13 +332,7 @@ def test_forced_shutdown_exits_3_and_loses_nothing(make_gateway: GatewayFactory,
     assert "forcing the exit" in gateway.log_text()
     assert set(range(1000, 3000)) <= set(left)
 
-    gateway.start()
-    result = wait_delivered(thingsboard, range(3000), gateway)
-    report(f"after the restart: {result.describe()}")
-    assert result.unexpected == []
-    assert result.duplicates <= duplicate_bound(1, INFLIGHT, PAYLOAD)
-    assert gateway.stop() == 0
-    assert_clean_log(gateway)
+    restart_and_deliver_all(gateway, thingsboard, report)
 
 
 def test_restart_with_queued_and_unsent_records(make_gateway: GatewayFactory,

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from conftest import GatewayFactory, needs_mosquitto
+from conftest import GatewayFactory, alive, needs_mosquitto
 from teg_gateway.sandbox.broker import Mosquitto
 from teg_gateway.sandbox.controller import QueueWriter, make_records
 from teg_gateway.sandbox.process import GatewayProcess
@@ -161,15 +161,6 @@ CONTROLLER_DEFAULTS: dict[str, Any] = {
     "health_timeout_s": 30.0,
     "stop_grace_s": 3.0,
 }
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X")
 
 
 def controller_reports(thingsboard: FakeThingsBoard) -> list[dict[str, Any]]:

@@ -8,7 +8,6 @@ The RPC ``reboot`` is covered with the restart operation in test_restart.py.
 from __future__ import annotations
 
 import json
-import os
 import stat
 import sys
 import uuid
@@ -20,7 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from conftest import GatewayFactory, needs_mosquitto
+from conftest import GatewayFactory, alive, needs_mosquitto
 from teg_gateway import __version__
 from teg_gateway.sandbox.broker import Mosquitto
 from teg_gateway.sandbox.controller import QueueWriter, now_ms
@@ -188,19 +187,7 @@ def test_run_command_is_killed_at_its_timeout(gateway: GatewayProcess,
     assert result["exit_code"] == -9
     assert result["stdout"] == "started\n"
     child = int(pid_file.read_text())
-    wait_until(lambda: not _alive(child), "the program's child is gone too", gateway)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie waiting for its (killed) parent's reaper counts as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    wait_until(lambda: not alive(child), "the program's child is gone too", gateway)
 
 
 def test_long_work_does_not_block_and_is_reported_later(gateway: GatewayProcess,

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from conftest import alive
 from teg_gateway.config import Settings
 from teg_gateway.controller.docker_runtime import (
     DockerRuntime,
@@ -56,15 +57,6 @@ def script(tmp_path: Path, name: str, body: str) -> list[str]:
     path = tmp_path / name
     path.write_text(textwrap.dedent(body))
     return [sys.executable, str(path)]
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X")
 
 
 async def wait_for(predicate: Any, timeout: float = 5.0) -> None:

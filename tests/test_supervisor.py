@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from conftest import alive
 from teg_gateway.config import Settings
 from teg_gateway.controller.docker_runtime import DockerRuntime
 from teg_gateway.controller.queue import QueueIntake
@@ -143,14 +144,6 @@ async def until(predicate: Callable[[], bool], timeout: float = 6.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.02)
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] not in ("Z", "X")
 
 
 def test_crashing_controller_is_restarted_with_growing_delays(tmp_path: Path) -> None:

@@ -204,15 +204,21 @@ def _safe_name(name: str) -> bool:
     return not path.is_absolute() and ".." not in path.parts and name.strip() != ""
 
 
+def _check_members(names: list[str], unpacked_bytes: int, max_bytes: int) -> None:
+    """OtaError for a member that would land outside the target, or too much content."""
+    for name in names:
+        if not _safe_name(name):
+            raise OtaError(f"package refused: member {name!r} would land outside the "
+                           "version directory")
+    if unpacked_bytes > max_bytes:
+        raise OtaError(f"package refused: it unpacks to more than {max_bytes} bytes")
+
+
 def _unpack_zip(package: Path, dest: Path, max_bytes: int) -> None:
     with zipfile.ZipFile(package) as archive:
         infos = archive.infolist()
-        for info in infos:
-            if not _safe_name(info.filename):
-                raise OtaError(f"package refused: member {info.filename!r} would land "
-                               "outside the version directory")
-        if sum(info.file_size for info in infos) > max_bytes:
-            raise OtaError(f"package refused: it unpacks to more than {max_bytes} bytes")
+        _check_members([i.filename for i in infos], sum(i.file_size for i in infos),
+                       max_bytes)
         archive.extractall(dest)
 
 
@@ -220,12 +226,8 @@ def _unpack_tar(package: Path, dest: Path, max_bytes: int) -> None:
     try:
         with tarfile.open(package) as archive:
             members = archive.getmembers()
-            for member in members:
-                if not _safe_name(member.name):
-                    raise OtaError(f"package refused: member {member.name!r} would land "
-                                   "outside the version directory")
-            if sum(m.size for m in members if m.isfile()) > max_bytes:
-                raise OtaError(f"package refused: it unpacks to more than {max_bytes} bytes")
+            _check_members([m.name for m in members],
+                           sum(m.size for m in members if m.isfile()), max_bytes)
             archive.extractall(dest, filter="data")
     except tarfile.FilterError as exc:
         raise OtaError(f"package refused: {exc}") from None
