@@ -386,6 +386,28 @@ def test_restart_once_per_batch_of_changes(data: Path) -> None:
     assert len(rec.restarts) == 1, "c does not ask for a restart"
 
 
+def test_a_file_deleted_right_after_its_write_is_written_again(data: Path) -> None:
+    rec = Recorder()
+    files = manager(make_settings(data), rec, restart=False)
+    original_write = files._write
+    deleted: list[Path] = []
+
+    async def write_then_someone_deletes(loc: Any, content: bytes, create: bool) -> None:
+        await original_write(loc, content, create)
+        if not deleted:  # once, between the write and the read back
+            loc.path.unlink()
+            deleted.append(loc.path)
+
+    files._write = write_then_someone_deletes  # type: ignore[method-assign,assignment]
+    files.on_shared({**files_attr(a={"path": "a.txt"}), "FILE_CONTENT_a": "x"})
+    run(files.reconcile())
+    assert deleted and not (data / "a.txt").exists()
+    assert run(files.changed_on_disk()), "the next poll must retry"
+    run(files.reconcile())
+    assert (data / "a.txt").read_text() == "x"
+    assert not run(files.changed_on_disk())
+
+
 def test_a_burst_of_changes_gives_one_pass(data: Path) -> None:
     rec = Recorder()
     files = manager(make_settings(data, poll_interval_s=60.0), rec)

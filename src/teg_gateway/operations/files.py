@@ -657,8 +657,13 @@ class FileManager:
             current = await self._read(loc)
         elif desired is not None:
             result.unchanged.append(key)
-        self._retry.discard(key)
         self._mirror(spec, current)
+        if desired is not None and current.data != desired:
+            # Changed again between the write and the read back: the next poll retries,
+            # however the disk looks now.
+            self._retry.add(key)
+        else:
+            self._retry.discard(key)
         if desired is not None and current.data == desired:
             entry = {"hash": md5_hex(desired), "write_version": spec.write_version}
             self.hashes[key] = entry
