@@ -1,4 +1,5 @@
-"""Shared fixtures: a real mosquitto with TLS, the ThingsBoard stand-in, gateway processes."""
+"""Shared fixtures: the ThingsBoard stand-in (an MQTT server with TLS), a real mosquitto for
+the local bus, gateway processes."""
 
 from __future__ import annotations
 
@@ -70,8 +71,9 @@ def broker(tmp_path: Path, pki: Pki) -> Iterator[Mosquitto]:
 
 
 @pytest.fixture
-def thingsboard(broker: Mosquitto) -> Iterator[FakeThingsBoard]:
-    with FakeThingsBoard(broker.host, broker.plain_port) as tb:
+def thingsboard(pki: Pki) -> Iterator[FakeThingsBoard]:
+    """ThingsBoard's device transport: TLS and plain listeners, no rate limits."""
+    with FakeThingsBoard(pki) as tb:
         yield tb
 
 
@@ -83,11 +85,11 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def gateway_env(broker: Mosquitto, pki: Pki, data_dir: Path) -> dict[str, str]:
+def gateway_env(thingsboard: FakeThingsBoard, pki: Pki, data_dir: Path) -> dict[str, str]:
     """The environment of a gateway that provisions against the stand-in over TLS."""
     return {
-        "TB_HOST": broker.tls_hostname,
-        "TB_PORT": str(broker.tls_port),
+        "TB_HOST": thingsboard.tls_hostname,
+        "TB_PORT": str(thingsboard.tls_port),
         "THINGSBOARD_CA_CERT": str(pki.ca_cert),
         "THINGSBOARD_PROVISION_DEVICE_KEY": "test-key",
         "THINGSBOARD_PROVISION_DEVICE_SECRET": "test-secret",

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GatewayFactory, needs_mosquitto
+from conftest import GatewayFactory
 from teg_gateway.cloud import credentials
 from teg_gateway.cloud.credentials import Credentials, CredentialsError
 from teg_gateway.cloud.provision import device_name
-from teg_gateway.sandbox.broker import Mosquitto
 from teg_gateway.sandbox.certs import make_pki, make_untrusted_ca
 from teg_gateway.sandbox.controller import QueueWriter, now_ms
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
@@ -33,8 +32,8 @@ def file_mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def provision_logins(broker: Mosquitto) -> list[tuple[str, str]]:
-    return [login for login in broker.connected_usernames() if login[1] == "provision"]
+def provision_logins(thingsboard: FakeThingsBoard) -> list[tuple[str, str]]:
+    return [login for login in thingsboard.connected_usernames() if login[1] == "provision"]
 
 
 # -- device name ------------------------------------------------------------------------------
@@ -137,14 +136,13 @@ def test_provision_answers_become_credentials() -> None:
 
 # -- provisioning in `run` --------------------------------------------------------------------
 
-@needs_mosquitto
 def test_run_provisions_then_connects_with_the_token(
-        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, broker: Mosquitto,
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard,
         data_dir: Path, queue_writer: QueueWriter) -> None:
     gateway = make_gateway()
     gateway.start()
     login = ("test-device", thingsboard.access_token)
-    thingsboard.wait_for(lambda: login in broker.connected_usernames(), timeout=WAIT,
+    thingsboard.wait_for(lambda: login in thingsboard.connected_usernames(), timeout=WAIT,
                          message="the gateway did not connect with the provisioned token")
     token_path = data_dir / TOKEN_FILE
     assert token_path.read_text().strip() == thingsboard.access_token
@@ -154,42 +152,39 @@ def test_run_provisions_then_connects_with_the_token(
     for request in requests:  # more than one only if a noisy machine made one time out
         assert request == {"deviceName": "test-device", "provisionDeviceKey": "test-key",
                            "provisionDeviceSecret": "test-secret"}
-    logins = broker.connected_usernames()
-    assert logins.index(provision_logins(broker)[0]) < logins.index(login)
+    logins = thingsboard.connected_usernames()
+    assert logins.index(provision_logins(thingsboard)[0]) < logins.index(login)
     queue_writer.write_record({"after_provisioning": 1})
     thingsboard.wait_for(lambda: thingsboard.telemetry_values("after_provisioning") == [1],
                          timeout=WAIT)
     assert gateway.stop() == 0
 
 
-@needs_mosquitto
 def test_run_uses_the_host_name_without_a_configured_name(
-        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, broker: Mosquitto) -> None:
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard) -> None:
     gateway = make_gateway(env={"THINGSBOARD_DEVICE_NAME": ""})
     gateway.start()
     host = socket.gethostname()
-    thingsboard.wait_for(lambda: (host, thingsboard.access_token) in broker.connected_usernames(),
+    thingsboard.wait_for(lambda: (host, thingsboard.access_token) in thingsboard.connected_usernames(),
                          timeout=WAIT)
     assert {r["deviceName"] for r in thingsboard.provision_requests} == {host}
     assert gateway.stop() == 0
 
 
-@needs_mosquitto
 def test_run_saves_to_the_configured_token_path(
-        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, broker: Mosquitto,
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard,
         tmp_path: Path, data_dir: Path) -> None:
     token_path = tmp_path / "secrets" / "token"
     gateway = make_gateway(env={"THINGSBOARD_ACCESS_TOKEN": str(token_path)})
     gateway.start()
     thingsboard.wait_for(lambda: ("test-device", thingsboard.access_token)
-                         in broker.connected_usernames(), timeout=WAIT)
+                         in thingsboard.connected_usernames(), timeout=WAIT)
     assert token_path.read_text().strip() == thingsboard.access_token
     assert file_mode(token_path) == 0o600
     assert not (data_dir / TOKEN_FILE).exists()
     assert gateway.stop() == 0
 
 
-@needs_mosquitto
 @pytest.mark.parametrize(("mode", "message"), [
     ("not_found", "Provision data was not found!"),
     ("failure", "Failed to provision device!"),
@@ -210,15 +205,14 @@ def test_run_stops_when_provisioning_is_refused(
     assert len(thingsboard.provision_requests) >= 1
 
 
-@needs_mosquitto
 def test_run_retries_unanswered_provisioning_with_backoff(
-        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, broker: Mosquitto,
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard,
         data_dir: Path) -> None:
     thingsboard.ignore_first_provision_requests = 2
     gateway = make_gateway(config=QUICK_RETRY)
     gateway.start()
     thingsboard.wait_for(lambda: ("test-device", thingsboard.access_token)
-                         in broker.connected_usernames(), timeout=WAIT)
+                         in thingsboard.connected_usernames(), timeout=WAIT)
     assert gateway.running
     # Two unanswered requests, then the answered one (a noisy machine may add attempts).
     assert len(thingsboard.provision_requests) >= 3
@@ -232,15 +226,14 @@ def test_run_retries_unanswered_provisioning_with_backoff(
     assert gateway.stop() == 0
 
 
-@needs_mosquitto
 def test_run_with_mqtt_basic_credentials(
-        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, broker: Mosquitto,
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard,
         data_dir: Path, queue_writer: QueueWriter) -> None:
     thingsboard.basic_credentials = {"clientId": "basic-client", "userName": "basic-user",
                                      "password": "basic-password"}
     gateway = make_gateway()
     gateway.start()
-    thingsboard.wait_for(lambda: ("basic-client", "basic-user") in broker.connected_usernames(),
+    thingsboard.wait_for(lambda: ("basic-client", "basic-user") in thingsboard.connected_usernames(),
                          timeout=WAIT, message="no connection with the MQTT_BASIC login")
     token_path = data_dir / TOKEN_FILE
     assert json.loads(token_path.read_text()) == {
@@ -253,33 +246,33 @@ def test_run_with_mqtt_basic_credentials(
     assert gateway.stop() == 0
 
 
-@needs_mosquitto
 def test_existing_token_skips_provisioning(
-        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, broker: Mosquitto,
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard,
         data_dir: Path) -> None:
     token_path = data_dir / TOKEN_FILE
+    thingsboard.accept_token("preexisting-token")
     token_path.write_text("preexisting-token\n")
     token_path.chmod(0o600)
     gateway = make_gateway()
     gateway.start()
     thingsboard.wait_for(lambda: ("test-device", "preexisting-token")
-                         in broker.connected_usernames(), timeout=WAIT)
+                         in thingsboard.connected_usernames(), timeout=WAIT)
     assert thingsboard.provision_requests == []
-    assert provision_logins(broker) == []
+    assert provision_logins(thingsboard) == []
     assert token_path.read_text() == "preexisting-token\n"
     assert gateway.stop() == 0
 
 
-@needs_mosquitto
 def test_run_tightens_a_loose_token_file(
-        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, broker: Mosquitto,
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard,
         data_dir: Path) -> None:
     token_path = data_dir / TOKEN_FILE
+    thingsboard.accept_token("loose-token")
     token_path.write_text("loose-token\n")
     token_path.chmod(0o644)
     gateway = make_gateway()
     gateway.start()
-    thingsboard.wait_for(lambda: ("test-device", "loose-token") in broker.connected_usernames(),
+    thingsboard.wait_for(lambda: ("test-device", "loose-token") in thingsboard.connected_usernames(),
                          timeout=WAIT)
     assert file_mode(token_path) == 0o600
     assert "readable by others" in gateway.log_text()
@@ -309,9 +302,8 @@ def test_run_without_provisioning_key_stops_with_a_clear_message(tmp_path: Path)
 
 # -- TLS --------------------------------------------------------------------------------------
 
-@needs_mosquitto
 def test_untrusted_server_is_not_provisioned_against(
-        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, broker: Mosquitto,
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard,
         tmp_path: Path, data_dir: Path) -> None:
     untrusted = make_untrusted_ca(tmp_path / "untrusted")
     gateway = make_gateway(config=QUICK_RETRY, env={"THINGSBOARD_CA_CERT": str(untrusted)})
@@ -322,12 +314,11 @@ def test_untrusted_server_is_not_provisioned_against(
     assert gateway.running, "a TLS failure must not stop the gateway"
     assert re.search(r"ERROR .*TLS verification failed", gateway.log_text())
     assert thingsboard.provision_requests == []
-    assert provision_logins(broker) == []
+    assert provision_logins(thingsboard) == []
     assert not (data_dir / TOKEN_FILE).exists()
     assert gateway.stop() == 0
 
 
-@needs_mosquitto
 def test_failed_tls_attempts_log_no_stray_asyncio_errors(
         make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, tmp_path: Path) -> None:
     untrusted = make_untrusted_ca(tmp_path / "untrusted")
@@ -339,14 +330,12 @@ def test_failed_tls_attempts_log_no_stray_asyncio_errors(
     assert "exception was never retrieved" not in gateway.log_text()
 
 
-@needs_mosquitto
 def test_server_with_a_certificate_for_another_name_is_refused(
         make_gateway: GatewayFactory, tmp_path: Path, data_dir: Path) -> None:
     other_pki = make_pki(tmp_path / "other-pki", hostnames=("other.example",), ips=())
-    with Mosquitto(tmp_path / "other-broker", other_pki) as other, \
-            FakeThingsBoard(other.host, other.plain_port) as other_tb:
+    with FakeThingsBoard(other_pki) as other_tb:
         gateway = make_gateway(config=QUICK_RETRY, env={
-            "TB_PORT": str(other.tls_port), "THINGSBOARD_CA_CERT": str(other_pki.ca_cert)})
+            "TB_PORT": str(other_tb.tls_port), "THINGSBOARD_CA_CERT": str(other_pki.ca_cert)})
         gateway.start()
         other_tb.wait_for(lambda: gateway.log_text().count("TLS verification failed") >= 2,
                           timeout=WAIT, message=gateway.log_tail())
@@ -359,9 +348,8 @@ def test_server_with_a_certificate_for_another_name_is_refused(
 
 # -- nothing is lost while provisioning waits -------------------------------------------------
 
-@needs_mosquitto
 def test_records_written_before_provisioning_answers_are_forwarded(
-        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, broker: Mosquitto,
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard,
         queue_writer: QueueWriter, data_dir: Path) -> None:
     thingsboard.provision_mode = "silent"
     gateway = make_gateway(config=QUICK_RETRY)

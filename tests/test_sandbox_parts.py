@@ -1,6 +1,7 @@
 """Tests of the sandbox parts themselves: PKI, broker, ThingsBoard stand-in, queue writer.
 
-They run against a real mosquitto; the "device" is a plain paho client.
+The broker tests run against a real mosquitto; the stand-in is an MQTT server of its own
+(more of its tests in test_thingsboard_server.py). The "device" is a plain paho client.
 """
 
 from __future__ import annotations
@@ -52,13 +53,16 @@ class Device:
         self._changed = threading.Condition()
         self._connected = threading.Event()
         self._barrier_ids = iter(range(1_000_000, 2_000_000))
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex}")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex}",
+                                  reconnect_on_failure=False)
         self.client.username_pw_set(username)
         if tls_ca is not None:
             self.client.tls_set_context(ssl.create_default_context(cafile=str(tls_ca)))
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+        self._disconnected = threading.Event()
         host = "localhost" if tls_ca else "127.0.0.1"
         self.client.connect(host, port)
         self.client.loop_start()
@@ -124,6 +128,20 @@ class Device:
                 return before
             before.append((topic, payload))
 
+    def _on_disconnect(self, *_args: Any) -> None:
+        self._disconnected.set()
+
+    def wait_disconnected(self) -> None:
+        assert self._disconnected.wait(WAIT), "the connection was not closed"
+
+    def received_so_far(self) -> list[tuple[str, bytes]]:
+        """What has arrived. The stand-in answers a publish before its PUBACK, so after
+        `publish` returned, any answer to it is here."""
+        got: list[tuple[str, bytes]] = []
+        while not self.received.empty():
+            got.append(self.received.get_nowait())
+        return got
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -143,14 +161,15 @@ def broker(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Mosqu
 
 
 @pytest.fixture
-def tb(broker: Mosquitto) -> Iterator[FakeThingsBoard]:
-    with FakeThingsBoard(broker.host, broker.plain_port) as stand_in:
+def tb(pki: Pki) -> Iterator[FakeThingsBoard]:
+    with FakeThingsBoard(pki) as stand_in:
+        stand_in.accept_token("device-token")
         yield stand_in
 
 
 @pytest.fixture
-def device(broker: Mosquitto) -> Iterator[Device]:
-    client = Device(broker.plain_port)
+def device(tb: FakeThingsBoard) -> Iterator[Device]:
+    client = Device(tb.plain_port)
     yield client
     client.close()
 
@@ -191,17 +210,17 @@ def test_tls_listener_is_rejected_with_an_untrusted_ca(broker: Mosquitto, tmp_pa
         _tls_connect(broker.tls_port, make_untrusted_ca(tmp_path))
 
 
-@needs_mosquitto
-def test_stand_in_connects_over_tls(broker: Mosquitto, pki: Pki) -> None:
-    stand_in = FakeThingsBoard(
-        broker.host, broker.tls_port, tls_ca=pki.ca_cert, tls_hostname=broker.tls_hostname
-    )
-    with stand_in:
-        device = Device(broker.tls_port, tls_ca=pki.ca_cert)
-        device.publish("v1/devices/me/telemetry", '{"co2": 500}')
-        stand_in.wait_for_telemetry(1, WAIT)
-        device.close()
-    assert stand_in.telemetry()[0]["values"] == {"co2": 500}
+def test_stand_in_serves_tls_verified_with_the_sandbox_ca(
+    tb: FakeThingsBoard, pki: Pki, tmp_path: Path
+) -> None:
+    device = Device(tb.tls_port, tls_ca=pki.ca_cert)
+    device.publish("v1/devices/me/telemetry", '{"co2": 500}')
+    tb.wait_for_telemetry(1, WAIT)
+    device.close()
+    assert tb.telemetry()[0]["values"] == {"co2": 500}
+    assert tb.connections[-1].listener == "tls"
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _tls_connect(tb.tls_port, make_untrusted_ca(tmp_path))
 
 
 # -- provisioning ----------------------------------------------------------------------
@@ -214,8 +233,8 @@ PROVISION_REQUEST = {
 
 
 @pytest.fixture
-def provisioning_device(broker: Mosquitto) -> Iterator[Device]:
-    client = Device(broker.plain_port, username="provision")
+def provisioning_device(tb: FakeThingsBoard) -> Iterator[Device]:
+    client = Device(tb.plain_port, username="provision")
     client.subscribe("/provision/response")
     yield client
     client.close()
@@ -276,7 +295,7 @@ def test_provisioning_silent_mode_never_answers(
 ) -> None:
     tb.provision_mode = "silent"
     provisioning_device.publish("/provision/request", json.dumps(PROVISION_REQUEST))
-    assert provisioning_device.barrier() == []
+    assert provisioning_device.received_so_far() == []
     assert len(tb.provision_requests) == 1
 
 
@@ -287,7 +306,7 @@ def test_provisioning_ignores_the_first_requests(
     tb.ignore_first_provision_requests = 2
     for _ in range(2):
         provisioning_device.publish("/provision/request", json.dumps(PROVISION_REQUEST))
-    assert provisioning_device.barrier() == []
+    assert provisioning_device.received_so_far() == []
     provisioning_device.publish("/provision/request", json.dumps(PROVISION_REQUEST))
     assert provisioning_device.expect_json("/provision/response")["status"] == "SUCCESS"
     assert len(tb.provision_requests) == 3
@@ -323,27 +342,39 @@ def test_telemetry_in_all_three_forms_is_recorded_in_order(
     assert tb.publish_count == 0
 
 
-@needs_mosquitto
-def test_bad_and_oversize_telemetry_is_counted_and_dropped(
-    tb: FakeThingsBoard, device: Device
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        ("not json", "bad payload"),
+        ('[{"ts": "soon", "values": {}}]', "bad payload"),
+        ("[1, 2]", "bad payload"),
+        (json.dumps({"blob": "x" * 1000}), "oversize payload"),
+    ],
+)
+def test_bad_and_oversize_telemetry_closes_the_connection(
+    tb: FakeThingsBoard, payload: str, reason: str
 ) -> None:
     tb.max_payload_size = 1000
-    device.publish("v1/devices/me/telemetry", "not json")
-    device.publish("v1/devices/me/telemetry", '[{"ts": "soon", "values": {}}]')
-    device.publish("v1/devices/me/telemetry", json.dumps({"blob": "x" * 1000}))
+    device = Device(tb.plain_port)
     device.publish("v1/devices/me/telemetry", '{"co2": 1}')
-    tb.wait_for_telemetry(1, WAIT)
-    assert tb.bad_payloads == 2
-    assert tb.oversize_payloads == 1
+    info = device.client.publish("v1/devices/me/telemetry", payload, qos=1)
+    tb.wait_for(lambda: tb.closes == [reason], WAIT)
+    device.wait_disconnected()
+    assert not info.is_published()  # closed without PUBACK
+    device.close()
     assert tb.telemetry_values("co2") == [1]
+    assert tb.publish_count == 1
+    assert (tb.bad_payloads, tb.oversize_payloads) == (
+        (1, 0) if reason == "bad payload" else (0, 1)
+    )
 
 
 @needs_mosquitto
 def test_client_and_shared_attributes(tb: FakeThingsBoard, device: Device) -> None:
     device.subscribe("v1/devices/me/attributes")
     device.publish("v1/devices/me/attributes", '{"FILE_HASHES": {}, "version": "1.0"}')
-    # mosquitto echoes the device's own publish back to it; the real ThingsBoard does not.
-    assert device.expect_json("v1/devices/me/attributes") == {"FILE_HASHES": {}, "version": "1.0"}
+    # A server, not a broker: the device's own publish does not come back to it.
+    assert device.barrier() == []
     tb.wait_for(lambda: tb.client_attributes.get("version") == "1.0", WAIT)
 
     tb.set_shared({"sw_version": "2.0", "FILES": {}})
@@ -449,27 +480,24 @@ def test_assign_package_announces_it_in_shared_attributes(tb: FakeThingsBoard) -
     }
 
 
-# -- broker life cycle -----------------------------------------------------------------
+# -- broker and stand-in life cycle ----------------------------------------------------
 
 
 @needs_mosquitto
-def test_broker_restart_keeps_ports_and_the_stand_in_resubscribes(tmp_path: Path) -> None:
+def test_broker_restart_keeps_ports(tmp_path: Path) -> None:
     with Mosquitto(tmp_path / "broker") as own_broker:
         port = own_broker.plain_port
-        with FakeThingsBoard(own_broker.host, port) as stand_in:
-            own_broker.stop()
-            assert not own_broker.running
-            own_broker.start()
-            assert own_broker.plain_port == port
-            assert stand_in.wait_ready(WAIT)
-            device = Device(port)
-            device.publish("v1/devices/me/telemetry", '{"after_restart": true}')
-            stand_in.wait_for_telemetry(1, WAIT)
-            device.close()
+        own_broker.stop()
+        assert not own_broker.running
+        own_broker.start()
+        assert own_broker.plain_port == port
+        device = Device(port)
+        device.publish("v1/devices/me/telemetry", '{"after_restart": true}')
+        device.close()
 
 
 @needs_mosquitto
-def test_paused_broker_answers_again_after_resume(tb: FakeThingsBoard, broker: Mosquitto) -> None:
+def test_paused_broker_answers_again_after_resume(broker: Mosquitto) -> None:
     broker.pause()
     try:
         device_thread_result: list[Device] = []
@@ -484,6 +512,52 @@ def test_paused_broker_answers_again_after_resume(tb: FakeThingsBoard, broker: M
     connecting.join(WAIT)
     assert device_thread_result
     device_thread_result[0].close()
+
+
+def test_stand_in_restart_keeps_ports(tb: FakeThingsBoard) -> None:
+    ports = (tb.plain_port, tb.tls_port)
+    device = Device(tb.plain_port)
+    tb.stop()
+    assert not tb.running
+    device.wait_disconnected()
+    device.close()
+    with pytest.raises(ConnectionRefusedError):
+        Device(tb.plain_port)
+    tb.start()
+    assert (tb.plain_port, tb.tls_port) == ports
+    device = Device(tb.plain_port)
+    device.publish("v1/devices/me/telemetry", '{"after_restart": true}')
+    tb.wait_for_telemetry(1, WAIT)
+    device.close()
+
+
+def test_paused_stand_in_answers_again_after_resume(tb: FakeThingsBoard) -> None:
+    device = Device(tb.plain_port)
+    tb.pause()
+    try:
+        info = device.client.publish("v1/devices/me/telemetry", '{"frozen": 1}', qos=1)
+        connecting = threading.Thread(target=lambda: Device(tb.plain_port).close())
+        connecting.start()
+        connecting.join(0.3)
+        assert connecting.is_alive()  # CONNECT is not answered while paused
+        assert not info.is_published()
+        assert tb.publish_count == 0
+    finally:
+        tb.resume()
+    connecting.join(WAIT)
+    info.wait_for_publish(WAIT)
+    assert tb.telemetry_values("frozen") == [1]
+    device.close()
+
+
+def test_kill_connections_drops_every_session(tb: FakeThingsBoard) -> None:
+    devices = [Device(tb.plain_port), Device(tb.plain_port, username="provision")]
+    tb.kill_connections()
+    for device in devices:
+        device.wait_disconnected()
+        device.close()
+    assert tb.closes == ["killed", "killed"]
+    Device(tb.plain_port).close()  # the listeners stay
 
 
 def test_mosquitto_missing_gives_install_hint(

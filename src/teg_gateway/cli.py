@@ -53,13 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(sub.add_parser(name, help=text, description=text), suppress=True)
     sandbox = sub.add_parser(
         "sandbox", help="run the whole chain on this machine against a ThingsBoard stand-in",
-        description="Start mosquitto, a ThingsBoard stand-in, a sample controller and the "
-                    "gateway; show what ThingsBoard received.")
+        description="Start a ThingsBoard stand-in (an MQTT server with TLS), mosquitto as "
+                    "the local broker, a sample controller and the gateway; show what "
+                    "ThingsBoard received. Rate limits are ThingsBoard's: N:S[,N:S...] = N "
+                    "per S seconds in every window; a publish over a limit closes the "
+                    "connection, as ThingsBoard does.")
     sandbox.add_argument("--seconds", type=float, default=15.0,
                          help="how long the sample controller writes records")
     sandbox.add_argument("--rate", type=float, default=20.0, help="records per second")
     sandbox.add_argument("--workdir", type=Path, default=None,
                          help="directory for the run (default: a new temporary one)")
+    sandbox.add_argument("--rate-limit-messages", metavar="N:S,...",
+                         help="limit on every publish of the device (default: none)")
+    sandbox.add_argument("--rate-limit-telemetry-messages", metavar="N:S,...",
+                         help="limit on telemetry publishes (default: none)")
+    sandbox.add_argument("--rate-limit-data-points", metavar="N:S,...",
+                         help="limit on telemetry data points, one per key of each record "
+                              "(default: none)")
+    sandbox.add_argument("--max-payload-bytes", type=int, metavar="BYTES", default=65536,
+                         help="largest payload the stand-in accepts (default: 65536)")
     return parser
 
 
@@ -78,8 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = args.command or "run"
     if command == "sandbox":
-        from teg_gateway.sandbox.run import run_sandbox
-        return run_sandbox(seconds=args.seconds, rate=args.rate, workdir=args.workdir)
+        from teg_gateway.sandbox.run import run_sandbox, sandbox_limits
+        try:
+            limits = sandbox_limits(args.rate_limit_messages, args.rate_limit_telemetry_messages,
+                                    args.rate_limit_data_points, args.max_payload_bytes)
+        except ValueError as exc:
+            print(f"teg-gateway sandbox: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        return run_sandbox(seconds=args.seconds, rate=args.rate, workdir=args.workdir,
+                           limits=limits)
     try:
         settings = settings_from_args(args, require_host=command in ("run", "provision"))
     except ConfigError as exc:

@@ -1,7 +1,7 @@
 """``teg-gateway sandbox``: the whole chain on one machine, no ThingsBoard server needed.
 
-mosquitto (TLS) + the ThingsBoard stand-in + the sample controller + the real gateway as
-a child process. The gateway provisions itself, forwards what the controller writes and
+The ThingsBoard stand-in (an MQTT server with TLS, optionally rate limited) + mosquitto as
+the device's local broker + the sample controller + the real gateway as a child process. The gateway provisions itself, forwards what the controller writes and
 answers an RPC; at the end the run shows what "ThingsBoard" received and checks, record
 by record, that nothing was lost.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from teg_gateway.sandbox.broker import Mosquitto, mosquitto_available
 from teg_gateway.sandbox.certs import make_pki
 from teg_gateway.sandbox.process import GatewayProcess, run_command
-from teg_gateway.sandbox.thingsboard import FakeThingsBoard
+from teg_gateway.sandbox.thingsboard import FakeThingsBoard, Limits
 
 SANDBOX_CONFIG = """
 [thingsboard]
@@ -35,7 +35,8 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def run_sandbox(seconds: float = 15.0, rate: float = 20.0, workdir: Path | None = None) -> int:
+def run_sandbox(seconds: float = 15.0, rate: float = 20.0, workdir: Path | None = None,
+                limits: Limits | None = None) -> int:
     """Run the demo; 0 when every record the controller wrote reached the stand-in."""
     if not mosquitto_available():
         _say("teg-gateway sandbox needs the mosquitto broker: install it with\n"
@@ -47,25 +48,28 @@ def run_sandbox(seconds: float = 15.0, rate: float = 20.0, workdir: Path | None 
     count = max(1, int(seconds * rate))
     _say(f"sandbox in {workdir}")
     pki = make_pki(workdir / "pki")
-    with Mosquitto(workdir / "broker", pki) as broker, \
-            FakeThingsBoard(broker.host, broker.plain_port) as tb:
+    with Mosquitto(workdir / "broker") as broker, FakeThingsBoard(pki, limits=limits) as tb:
         data = workdir / "data"
         env = {
-            "TB_HOST": broker.tls_hostname,
-            "TB_PORT": str(broker.tls_port),
+            "TB_HOST": tb.tls_hostname,
+            "TB_PORT": str(tb.tls_port),
             "THINGSBOARD_CA_CERT": str(pki.ca_cert),
             "THINGSBOARD_PROVISION_DEVICE_KEY": "sandbox-key",
             "THINGSBOARD_PROVISION_DEVICE_SECRET": "sandbox-secret",
             "THINGSBOARD_DEVICE_NAME": "sandbox-device",
             "TEG_DATA_PATH": str(data),
         }
-        _say(f"mosquitto: TLS on {broker.tls_hostname}:{broker.tls_port} (CA {pki.ca_cert})")
+        _say(f"ThingsBoard stand-in: TLS on {tb.tls_hostname}:{tb.tls_port} (CA {pki.ca_cert}), "
+             f"limits {json.dumps(tb.limits.session_limits())}")
+        _say(f"mosquitto (the device's local broker): {broker.host}:{broker.plain_port}")
         controller_log = (workdir / "controller.log").open("w")
         controller = subprocess.Popen(
             [sys.executable, "-m", "teg_gateway.sandbox.controller", "--data", str(data),
              "--rate", str(rate), "--count", str(count)],
             stdout=controller_log, stderr=subprocess.STDOUT)
-        gateway = GatewayProcess(workdir / "gateway", env, SANDBOX_CONFIG)
+        config = SANDBOX_CONFIG + (f"\n[local_mqtt]\nenabled = true\nhost = \"{broker.host}\"\n"
+                                   f"port = {broker.plain_port}\n")
+        gateway = GatewayProcess(workdir / "gateway", env, config)
         try:
             gateway.start()
             _say(f"sample controller: writing {count} CO2 records at {rate:g}/s; "
@@ -105,6 +109,8 @@ def _report(tb: FakeThingsBoard, count: int, gateway_rc: int, workdir: Path,
     _say(f"  provisioning requests: {len(tb.provision_requests)} "
          f"(device {tb.provision_requests[0].get('deviceName') if tb.provision_requests else '-'})")
     _say(f"  telemetry publishes:   {tb.publish_count}")
+    _say(f"  connections:           {tb.connection_count} accepted, closed by the server: "
+         f"{', '.join(tb.closes) or 'none'}")
     _say(f"  controller records:    {len(counts)}/{count} distinct, {len(missing)} missing, "
          f"{duplicates} duplicates")
     if seqs:
@@ -127,3 +133,10 @@ def _report(tb: FakeThingsBoard, count: int, gateway_rc: int, workdir: Path,
          f"PROBLEM: {len(missing)} records missing (first: {missing[:10]}), "
          f"gateway exit code {gateway_rc}")
     return 0 if ok else 1
+
+
+def sandbox_limits(messages: str | None, telemetry_messages: str | None,
+                   data_points: str | None, max_payload_bytes: int) -> Limits:
+    """The stand-in's limits from the command line options; ValueError with the reason."""
+    return Limits(messages=messages, telemetry_messages=telemetry_messages,
+                  telemetry_data_points=data_points, max_payload_size=max_payload_bytes)
