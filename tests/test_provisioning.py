@@ -165,8 +165,8 @@ def test_run_uses_the_host_name_without_a_configured_name(
     gateway = make_gateway(env={"THINGSBOARD_DEVICE_NAME": ""})
     gateway.start()
     host = socket.gethostname()
-    thingsboard.wait_for(lambda: (host, thingsboard.access_token) in thingsboard.connected_usernames(),
-                         timeout=WAIT)
+    login = (host, thingsboard.access_token)
+    thingsboard.wait_for(lambda: login in thingsboard.connected_usernames(), timeout=WAIT)
     assert {r["deviceName"] for r in thingsboard.provision_requests} == {host}
     assert gateway.stop() == 0
 
@@ -233,8 +233,9 @@ def test_run_with_mqtt_basic_credentials(
                                      "password": "basic-password"}
     gateway = make_gateway()
     gateway.start()
-    thingsboard.wait_for(lambda: ("basic-client", "basic-user") in thingsboard.connected_usernames(),
-                         timeout=WAIT, message="no connection with the MQTT_BASIC login")
+    login = ("basic-client", "basic-user")
+    thingsboard.wait_for(lambda: login in thingsboard.connected_usernames(), timeout=WAIT,
+                         message="no connection with the MQTT_BASIC login")
     token_path = data_dir / TOKEN_FILE
     assert json.loads(token_path.read_text()) == {
         "credentialsType": "MQTT_BASIC", "clientId": "basic-client", "userName": "basic-user",
@@ -272,8 +273,8 @@ def test_run_tightens_a_loose_token_file(
     token_path.chmod(0o644)
     gateway = make_gateway()
     gateway.start()
-    thingsboard.wait_for(lambda: ("test-device", "loose-token") in thingsboard.connected_usernames(),
-                         timeout=WAIT)
+    login = ("test-device", "loose-token")
+    thingsboard.wait_for(lambda: login in thingsboard.connected_usernames(), timeout=WAIT)
     assert file_mode(token_path) == 0o600
     assert "readable by others" in gateway.log_text()
     assert gateway.stop() == 0
