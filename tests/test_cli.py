@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from conftest import GatewayFactory, needs_mosquitto
+from conftest import GatewayFactory
 from teg_gateway import __version__
-from teg_gateway.sandbox.broker import Mosquitto
 from teg_gateway.sandbox.controller import QueueWriter, make_records, now_ms
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
 from teg_gateway.store.stores import Stores
@@ -139,10 +138,9 @@ def test_status_reports_unusable_credentials(tmp_path: Path) -> None:
     assert status["provisioned"].startswith("unusable credentials")
 
 
-@needs_mosquitto
 def test_status_after_the_gateway_forwarded_records_and_while_it_cannot_connect(
         *, tmp_path: Path, make_gateway: GatewayFactory, thingsboard: FakeThingsBoard,
-        broker: Mosquitto, queue_writer: QueueWriter, gateway_env: dict[str, str],
+        queue_writer: QueueWriter, gateway_env: dict[str, str],
         data_dir: Path) -> None:
     queue_writer.write(make_records(100))
     queue_writer.health_check(now_ms() - 90_000)
@@ -165,7 +163,7 @@ def test_status_after_the_gateway_forwarded_records_and_while_it_cannot_connect(
     assert seconds(health[1]) >= 89
 
     # ThingsBoard unreachable: records wait in the outbox, and status says why.
-    broker.stop()
+    thingsboard.stop()
     queue_writer.write(make_records(50, start_seq=100))
     gateway.start()
     state_file = data_dir / "state" / "cloud.json"
@@ -192,7 +190,6 @@ def test_status_after_the_gateway_forwarded_records_and_while_it_cannot_connect(
 
 # -- provision ------------------------------------------------------------------------------
 
-@needs_mosquitto
 def test_provision_saves_the_token_once(tmp_path: Path, thingsboard: FakeThingsBoard,
                                         gateway_env: dict[str, str], data_dir: Path) -> None:
     result = run_cli(tmp_path, gateway_env, "provision")
@@ -212,7 +209,6 @@ def test_provision_saves_the_token_once(tmp_path: Path, thingsboard: FakeThingsB
     assert token_path.read_text().strip() == thingsboard.access_token
 
 
-@needs_mosquitto
 def test_provision_with_mqtt_basic_credentials(tmp_path: Path, thingsboard: FakeThingsBoard,
                                                gateway_env: dict[str, str],
                                                data_dir: Path) -> None:
@@ -227,7 +223,6 @@ def test_provision_with_mqtt_basic_credentials(tmp_path: Path, thingsboard: Fake
     assert file_mode(token_path) == 0o600
 
 
-@needs_mosquitto
 @pytest.mark.parametrize(("mode", "message"), [
     ("not_found", "Provision data was not found!"),
     ("failure", "Failed to provision device!"),
@@ -246,7 +241,6 @@ def test_provision_refused_exits_non_zero_with_the_server_message(
     assert len(thingsboard.provision_requests) == 1
 
 
-@needs_mosquitto
 def test_provision_with_a_wrong_secret_is_not_found(
         tmp_path: Path, thingsboard: FakeThingsBoard, gateway_env: dict[str, str],
         data_dir: Path) -> None:

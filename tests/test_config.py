@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from conftest import GatewayFactory, needs_mosquitto, render_toml
+from conftest import GatewayFactory, render_toml
 from teg_gateway.config import ConfigError, Settings, load_settings, section_fields, sections
-from teg_gateway.sandbox.broker import Mosquitto, free_tcp_ports
+from teg_gateway.sandbox.broker import free_tcp_ports
 from teg_gateway.sandbox.certs import Pki
 from teg_gateway.sandbox.process import run_command
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
@@ -361,7 +361,7 @@ def test_missing_config_file_stops_run_with_exit_2(tmp_path: Path) -> None:
 
 # -- precedence through the command line ------------------------------------------------------
 
-def precedence_setup(tmp_path: Path, broker: Mosquitto, pki: Pki
+def precedence_setup(tmp_path: Path, pki: Pki
                      ) -> tuple[dict[str, str], str, int]:
     """Environment and config file that point at a dead port and a wrong name; returns
     (environment, config text, dead port)."""
@@ -380,13 +380,12 @@ def precedence_setup(tmp_path: Path, broker: Mosquitto, pki: Pki
     return env, config, dead_port
 
 
-@needs_mosquitto
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_original_flags_win_over_environment_and_file(
-        tmp_path: Path, broker: Mosquitto, pki: Pki, thingsboard: FakeThingsBoard,
+        tmp_path: Path, pki: Pki, thingsboard: FakeThingsBoard,
         where: str) -> None:
-    env, config, _dead = precedence_setup(tmp_path, broker, pki)
-    flags = ("--tb-host", broker.tls_hostname, "--tb-port", str(broker.tls_port),
+    env, config, _dead = precedence_setup(tmp_path, pki)
+    flags = ("--tb-host", thingsboard.tls_hostname, "--tb-port", str(thingsboard.tls_port),
              "--device-name", "flag-name")
     args = (*flags, "provision") if where == "before" else ("provision", *flags)
     result = run_cli(tmp_path / "work", env, *args, config=config)
@@ -395,45 +394,43 @@ def test_original_flags_win_over_environment_and_file(
     assert [r["deviceName"] for r in thingsboard.provision_requests] == ["flag-name"]
 
 
-@needs_mosquitto
 def test_environment_wins_over_file_through_the_command_line(
-        tmp_path: Path, broker: Mosquitto, pki: Pki, thingsboard: FakeThingsBoard) -> None:
-    env, config, _dead = precedence_setup(tmp_path, broker, pki)
-    env.update(TB_HOST=broker.tls_hostname, TB_PORT=str(broker.tls_port))
+        tmp_path: Path, pki: Pki, thingsboard: FakeThingsBoard) -> None:
+    env, config, _dead = precedence_setup(tmp_path, pki)
+    env.update(TB_HOST=thingsboard.tls_hostname, TB_PORT=str(thingsboard.tls_port))
     result = run_cli(tmp_path / "work", env, "provision", config=config)
     assert result.returncode == 0, result.stdout + result.stderr
     assert [r["deviceName"] for r in thingsboard.provision_requests] == ["env-name"]
 
 
-@needs_mosquitto
 def test_file_wins_over_defaults_through_the_command_line(
-        tmp_path: Path, broker: Mosquitto, pki: Pki, thingsboard: FakeThingsBoard) -> None:
-    env, _config, _dead = precedence_setup(tmp_path, broker, pki)
+        tmp_path: Path, pki: Pki, thingsboard: FakeThingsBoard) -> None:
+    env, _config, _dead = precedence_setup(tmp_path, pki)
     for name in ("TB_HOST", "TB_PORT", "THINGSBOARD_DEVICE_NAME"):
         env[name] = ""
-    config = render_toml({"thingsboard": {"host": broker.tls_hostname, "port": broker.tls_port,
+    config = render_toml({"thingsboard": {"host": thingsboard.tls_hostname,
+                                          "port": thingsboard.tls_port,
                                           "device_name": "file-name"}})
     result = run_cli(tmp_path / "work", env, "provision", config=config)
     assert result.returncode == 0, result.stdout + result.stderr
     assert [r["deviceName"] for r in thingsboard.provision_requests] == ["file-name"]
 
 
-@needs_mosquitto
 @pytest.mark.parametrize("args", [
     pytest.param(("run", "--tb-port", "{port}", "--device-name", "flag-name"), id="after-run"),
     pytest.param(("--tb-port", "{port}", "--device-name", "flag-name", "run"), id="before-run"),
     pytest.param(("--tb-port", "{port}", "--device-name", "flag-name"), id="no-command"),
 ])
-def test_run_takes_the_original_flags(make_gateway: GatewayFactory, broker: Mosquitto,
+def test_run_takes_the_original_flags(make_gateway: GatewayFactory,
                                       thingsboard: FakeThingsBoard,
                                       args: tuple[str, ...]) -> None:
     dead_port = free_tcp_ports(1)[0]
     gateway = make_gateway(
         env={"TB_PORT": str(dead_port), "THINGSBOARD_DEVICE_NAME": "env-name"},
-        args=tuple(a.format(port=broker.tls_port) for a in args))
+        args=tuple(a.format(port=thingsboard.tls_port) for a in args))
     gateway.start()
     thingsboard.wait_for(
-        lambda: ("flag-name", thingsboard.access_token) in broker.connected_usernames(),
+        lambda: ("flag-name", thingsboard.access_token) in thingsboard.connected_usernames(),
         timeout=WAIT, message="the gateway did not connect with the flag's device name")
     assert {r["deviceName"] for r in thingsboard.provision_requests} == {"flag-name"}
     assert gateway.stop() == 0
