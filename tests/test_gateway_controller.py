@@ -351,7 +351,7 @@ def test_a_controller_that_stops_writing_health_checks_is_restarted(
 def bus_health_gateway(controller: ControllerSetup, thingsboard: FakeThingsBoard,
                        broker: Mosquitto, mode: str, **settings: Any) -> GatewayProcess:
     """A connected gateway whose controller (in ``mode``) gives its health on the local
-    bus (here the same mosquitto), with a health timeout of 2 s."""
+    bus (mosquitto), with a health timeout of 2 s."""
     bus: dict[str, dict[str, Any]] = {
         "local_mqtt": {"enabled": True, "host": broker.host, "port": broker.plain_port},
         "health": {"interval_s": 0.5}}
@@ -478,10 +478,9 @@ def test_rpc_restart_controller_without_a_supervised_controller_is_an_error(
 
 @pytest.mark.parametrize("connected", [True, False], ids=["connected", "unprovisioned"])
 def test_sigterm_to_the_gateway_stops_a_process_controller(
-        controller: ControllerSetup, thingsboard: FakeThingsBoard, broker: Mosquitto,
-        connected: bool) -> None:
+        controller: ControllerSetup, thingsboard: FakeThingsBoard, connected: bool) -> None:
     if not connected:
-        broker.stop()  # the gateway stops while it still waits to be provisioned
+        thingsboard.stop()  # the gateway stops while it still waits to be provisioned
     gateway = controller.gateway("healthy")
     gateway.start()
     if connected:
@@ -539,9 +538,8 @@ def test_a_controller_left_by_a_killed_gateway_is_replaced_by_the_next(
 
 
 def test_controller_is_supervised_while_thingsboard_is_unreachable_and_unprovisioned(
-        controller: ControllerSetup, thingsboard: FakeThingsBoard, broker: Mosquitto,
-        data_dir: Path) -> None:
-    broker.stop()
+        controller: ControllerSetup, thingsboard: FakeThingsBoard, data_dir: Path) -> None:
+    thingsboard.stop()
     gateway = controller.gateway("crash_once")
     gateway.start()
     # Crashed once, restarted, and its records go into the outbox meanwhile.
@@ -559,7 +557,7 @@ def test_controller_is_supervised_while_thingsboard_is_unreachable_and_unprovisi
     assert "crashed" in queued and queued.index("crashed") < len(queued) - 1
     assert queued[queued.index("crashed") + 1] == "running"
 
-    broker.start()
+    thingsboard.start()
     wait_connected(thingsboard, gateway)
     wait_until(lambda: any(r["controller_restarts"] == 1
                            for r in with_state(thingsboard, "running")),

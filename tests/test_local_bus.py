@@ -1,5 +1,5 @@
 """The local MQTT bus (thin-edge.io topic scheme): the mapping as pure functions, then a real
-gateway process against a second, real mosquitto playing the device's own broker.
+gateway process against a real mosquitto playing the device's own broker.
 
 The helpers here (``BusClient``, ``retained``, ``local_config``) are shared with
 test_restart.py and test_rpc.py.

@@ -10,24 +10,17 @@ from __future__ import annotations
 import json
 import stat
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from conftest import GatewayFactory, alive, needs_mosquitto
+from conftest import GatewayFactory, alive
 from teg_gateway import __version__
-from teg_gateway.sandbox.broker import Mosquitto
 from teg_gateway.sandbox.controller import QueueWriter, now_ms
 from teg_gateway.sandbox.process import GatewayProcess
-from teg_gateway.sandbox.thingsboard import RPC_REQUEST_PREFIX, FakeThingsBoard
+from teg_gateway.sandbox.thingsboard import FakeThingsBoard
 from test_forwarding import WAIT, wait_connected, wait_until
-
-pytestmark = needs_mosquitto
 
 METHODS = {"list", "ping", "status", "reboot", "shutdown", "exit", "restart_controller",
            "run_command", "archive_republish_messages", "archive_discard_messages",
@@ -107,17 +100,6 @@ def test_an_unknown_method_points_to_list(gateway: GatewayProcess,
         "unknown method 'reboot_now'; the method 'list' shows them all")
 
 
-@pytest.fixture
-def raw_rpc(broker: Mosquitto) -> Iterator[mqtt.Client]:
-    """A plain client on ThingsBoard's broker, to send requests the stand-in would not."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:8]}")
-    client.connect(broker.host, broker.plain_port)
-    client.loop_start()
-    yield client
-    client.disconnect()
-    client.loop_stop()
-
-
 @pytest.mark.parametrize(("payload", "reply"), [
     (b"not json", error("request is not valid JSON")),
     (b"[1, 2]", error("request is not a JSON object")),
@@ -136,10 +118,9 @@ def raw_rpc(broker: Mosquitto) -> Iterator[mqtt.Client]:
 ])
 def test_malformed_requests_get_a_clear_error(gateway: GatewayProcess,
                                               thingsboard: FakeThingsBoard,
-                                              raw_rpc: mqtt.Client, payload: bytes,
+                                              payload: bytes,
                                               reply: dict[str, Any]) -> None:
-    request_id = 9000
-    raw_rpc.publish(f"{RPC_REQUEST_PREFIX}{request_id}", payload, qos=1).wait_for_publish(WAIT)
+    request_id = thingsboard.rpc_raw(payload)
     assert thingsboard.wait_rpc_response(request_id) == reply
 
 

@@ -764,6 +764,18 @@ class FakeThingsBoard:
         self._push(f"{RPC_REQUEST_PREFIX}{request_id}", json.dumps(payload).encode())
         return request_id
 
+    def rpc_raw(self, payload: bytes | str) -> int:
+        """Send a server-side RPC request with exactly `payload` (malformed ones too)."""
+        with self._lock:
+            request_id = next(self._rpc_ids)
+        raw = payload.encode() if isinstance(payload, str) else bytes(payload)
+        self._push(f"{RPC_REQUEST_PREFIX}{request_id}", raw)
+        return request_id
+
+    def publish_to_device(self, topic: str, payload: bytes | str) -> None:
+        """Send `payload` on `topic` to every device session subscribed to it."""
+        self._push(topic, payload.encode() if isinstance(payload, str) else bytes(payload))
+
     def wait_rpc_response(self, request_id: int, timeout: float = 10.0) -> Any:
         """Wait for the answer to RPC `request_id`; TimeoutError when none comes in time."""
         deadline = time.monotonic() + timeout
