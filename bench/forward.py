@@ -1,10 +1,12 @@
-"""Benchmark of the hot path: controller queue -> gateway -> broker (TLS) -> "ThingsBoard".
+"""Benchmark of the hot path: controller queue -> gateway -> MQTT over TLS -> "ThingsBoard".
 
-Everything is real: a mosquitto broker with a TLS listener (sandbox PKI), the gateway as a
-child process (``python -m teg_gateway run``, default settings, credentials from a
-pre-written ``<data>/tb_access_token``), and the controller's SQLite queue database
-filled with ``QueueWriter``. A lean paho subscriber on ``v1/devices/me/telemetry`` (the
-plain listener of the same broker) stands in for ThingsBoard and counts records.
+Everything is real: the ThingsBoard stand-in (``FakeThingsBoard``, an MQTT server with a
+TLS listener and the sandbox PKI, in this process), the gateway as a child process
+(``python -m teg_gateway run``, default settings, credentials from a pre-written
+``<data>/tb_access_token``), and the controller's SQLite queue database filled with
+``QueueWriter``. The stand-in hands every telemetry payload it accepted (and
+acknowledged) to a lean counter, ``TelemetrySink``. ``make_thingsboard`` builds the
+stand-in, with ThingsBoard's limits when given (default: none).
 
 Two phases:
 
@@ -45,17 +47,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-
-from teg_gateway.sandbox.broker import Mosquitto, mosquitto_available
 from teg_gateway.sandbox.certs import Pki, make_pki
 from teg_gateway.sandbox.controller import QueueWriter, make_records, now_ms
 from teg_gateway.sandbox.process import GatewayProcess
+from teg_gateway.sandbox.thingsboard import FakeThingsBoard, Limits
 
 TELEMETRY_TOPIC = "v1/devices/me/telemetry"
 CONNECTED_LOG = "ThingsBoard: connected"
@@ -114,42 +110,37 @@ def proc_stats(pid: int | None) -> ProcStats | None:
     return ProcStats(cpu_s, kib.get("VmRSS", 0) / 1024, kib.get("VmHWM", 0) / 1024)
 
 
-# -- the ThingsBoard stand-in: a lean subscriber ------------------------------------------
+def thread_cpu_s(native_id: int | None) -> float:
+    """CPU seconds (user + system) of one thread of this process; NaN when unknown."""
+    if native_id is None:
+        return float("nan")
+    try:
+        stat = Path(f"/proc/self/task/{native_id}/stat").read_text()
+    except OSError:
+        return float("nan")
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the ThingsBoard stand-in and what it received ----------------------------------------
 
 
 class TelemetrySink:
-    """Subscribes to the telemetry topic and keeps every payload with its receive time.
+    """Keeps every telemetry payload the stand-in accepted, with its receive time.
 
-    The network thread only stamps, stores and counts (``bytes.count``) each publish;
-    records are parsed after the measurement. Only records with a ``seq`` value are
-    counted: the gateway's own health, log and attribute messages are not.
+    Called on the stand-in's network thread, it only stamps, stores and counts
+    (``bytes.count``) each publish; records are parsed after the measurement. Only records
+    with a ``seq`` value are counted: the gateway's own health, log and attribute messages
+    are not.
     """
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._subscribed = threading.Event()
         self._payloads: list[tuple[float, bytes]] = []
         self.records = 0
         self.publishes = 0
         self.first_at: float | None = None
         self.last_at: float | None = None
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-sink",
-                                   protocol=MQTTProtocolVersion.MQTTv311)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_message = self._on_message
-        self._host = host
-        self._port = port
-
-    def start(self, timeout: float = 10.0) -> None:
-        self._client.connect(self._host, self._port, keepalive=60)
-        self._client.loop_start()
-        if not self._subscribed.wait(timeout):
-            raise BenchError(f"the subscriber did not connect to {self._host}:{self._port}")
-
-    def stop(self) -> None:
-        self._client.disconnect()
-        self._client.loop_stop()
 
     def reset(self) -> None:
         with self._lock:
@@ -163,22 +154,7 @@ class TelemetrySink:
         with self._lock:
             return list(self._payloads)
 
-    def _on_connect(self, client: mqtt.Client, _userdata: Any, _flags: mqtt.ConnectFlags,
-                    reason: ReasonCode, _props: Properties | None) -> None:
-        if not reason.is_failure:
-            # QoS 1: the broker does not drop what the subscriber has not taken yet.
-            client.subscribe(TELEMETRY_TOPIC, qos=1)
-
-    def _on_subscribe(self, _client: mqtt.Client, _userdata: Any, _mid: int,
-                      _reasons: list[ReasonCode], _props: Properties | None) -> None:
-        self._subscribed.set()
-
-    def _on_message(self, _client: mqtt.Client, _userdata: Any,
-                    message: mqtt.MQTTMessage) -> None:
-        now = time.time()
-        payload = message.payload
-        if not isinstance(payload, bytes):
-            payload = bytes(payload)
+    def on_publish(self, payload: bytes, now: float) -> None:
         count = payload.count(SEQ_KEY)
         if not count:
             return
@@ -189,6 +165,16 @@ class TelemetrySink:
             if self.first_at is None:
                 self.first_at = now
             self.last_at = now
+
+
+def make_thingsboard(pki: Pki, sink: TelemetrySink, limits: Limits | None = None
+                     ) -> FakeThingsBoard:
+    """The benchmark's ThingsBoard (not started): TLS with `pki`, the bench's access token
+    accepted, ThingsBoard's `limits` (None: no rate limit, the default payload limit).
+    Telemetry goes to `sink` only; the stand-in keeps none of it."""
+    tb = FakeThingsBoard(pki, limits=limits, keep_telemetry=False, on_telemetry=sink.on_publish)
+    tb.accept_token(ACCESS_TOKEN)
+    return tb
 
 
 # -- the gateway's outbox, read-only --------------------------------------------------------
@@ -326,19 +312,19 @@ def summarize_folded(text: str, top: int = 15) -> list[str]:
 
 @dataclass
 class Rig:
-    """The broker, the subscriber and the place where gateways live."""
+    """ThingsBoard, what it received and the place where gateways live."""
 
     workdir: Path
     pki: Pki
-    broker: Mosquitto
+    thingsboard: FakeThingsBoard
     sink: TelemetrySink
     profiler: Profiler
     gateways: list[GatewayProcess] = field(default_factory=list)
 
     def gateway_env(self, data_dir: Path) -> dict[str, str]:
         return {
-            "TB_HOST": self.broker.tls_hostname,
-            "TB_PORT": str(self.broker.tls_port),
+            "TB_HOST": self.thingsboard.tls_hostname,
+            "TB_PORT": str(self.thingsboard.tls_port),
             "THINGSBOARD_CA_CERT": str(self.pki.ca_cert),
             "THINGSBOARD_DEVICE_NAME": "bench-device",
             "TEG_DATA_PATH": str(data_dir),
@@ -367,25 +353,20 @@ class Rig:
 
 
 @contextlib.contextmanager
-def rig(workdir: Path, profiler: Profiler) -> Iterator[Rig]:
+def rig(workdir: Path, profiler: Profiler, limits: Limits | None = None) -> Iterator[Rig]:
     pki = make_pki(workdir / "pki")
-    broker = Mosquitto(workdir / "broker", pki)
-    broker.start()
-    sink: TelemetrySink | None = None
+    sink = TelemetrySink()
+    thingsboard = make_thingsboard(pki, sink, limits)
+    thingsboard.start()
     made: Rig | None = None
     try:
-        sink = TelemetrySink(broker.host, broker.plain_port)
-        sink.start()
-        made = Rig(workdir, pki, broker, sink, profiler)
+        made = Rig(workdir, pki, thingsboard, sink, profiler)
         yield made
     finally:
         if made is not None:
             made.stop_gateways()
         profiler.kill()
-        if sink is not None:
-            with contextlib.suppress(Exception):
-                sink.stop()
-        broker.stop()
+        thingsboard.stop()
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str,
@@ -420,7 +401,7 @@ class ThroughputResult:
     gateway_cpu_s: float
     gateway_cpu_us_per_record: float
     gateway_peak_rss_mb: float
-    broker_cpu_s: float
+    thingsboard_cpu_s: float
     bench_cpu_s: float
     publishes: int
     records_per_publish: float
@@ -430,6 +411,7 @@ class ThroughputResult:
     duplicates: int
     gateway_exit: int
     gateway_stop_s: float
+    closes: list[str]
     timeline: list[dict[str, float]]
 
 
@@ -454,7 +436,8 @@ def run_throughput(parts: Rig, count: int, timeout: float) -> ThroughputResult:
     outbox = OutboxReader(data)
     timeline: list[dict[str, float]] = []
     bench_cpu_start = time.process_time()
-    broker_start = proc_stats(parts.broker.pid)
+    server_thread = parts.thingsboard.native_thread_id
+    server_cpu_start = thread_cpu_s(server_thread)
     started = time.time()
     gateway.start()
     parts.profiler.attach("throughput", gateway.pid)
@@ -502,7 +485,7 @@ def run_throughput(parts: Rig, count: int, timeout: float) -> ThroughputResult:
         final = proc_stats(gateway.pid) or last
         if final is None:
             raise BenchError("could not read the gateway's /proc entry")
-        broker_end = proc_stats(parts.broker.pid)
+        server_cpu_end = thread_cpu_s(server_thread)
         bench_cpu = time.process_time() - bench_cpu_start
     finally:
         outbox.close()
@@ -529,8 +512,7 @@ def run_throughput(parts: Rig, count: int, timeout: float) -> ThroughputResult:
         gateway_cpu_s=final.cpu_s,
         gateway_cpu_us_per_record=final.cpu_s / count * 1e6,
         gateway_peak_rss_mb=final.peak_rss_mb,
-        broker_cpu_s=(broker_end.cpu_s - broker_start.cpu_s
-                      if broker_end and broker_start else float("nan")),
+        thingsboard_cpu_s=server_cpu_end - server_cpu_start,
         bench_cpu_s=bench_cpu,
         publishes=len(payloads),
         records_per_publish=sink.records / max(1, len(payloads)),
@@ -540,6 +522,7 @@ def run_throughput(parts: Rig, count: int, timeout: float) -> ThroughputResult:
         duplicates=duplicates,
         gateway_exit=exit_code,
         gateway_stop_s=stop_s,
+        closes=parts.thingsboard.closes,
         timeline=timeline,
     )
 
@@ -708,7 +691,9 @@ def report(throughput: ThroughputResult | None, latency: LatencyResult | None) -
             f"{t.gateway_cpu_us_per_record:.1f} us/record")
         row("gateway peak RSS (VmHWM)", f"{t.gateway_peak_rss_mb:.1f} MB",
             f"< {TARGET_PEAK_MB:.0f} MB", t.gateway_peak_rss_mb < TARGET_PEAK_MB)
-        row("broker CPU / bench CPU", f"{t.broker_cpu_s:.2f} s / {t.bench_cpu_s:.2f} s")
+        row("stand-in CPU / bench CPU (all)",
+            f"{t.thingsboard_cpu_s:.2f} s / {t.bench_cpu_s:.2f} s")
+        row("server closes (reasons)", ", ".join(t.closes) or "none")
         row("publishes (records each)", f"{t.publishes:,} ({t.records_per_publish:.0f})")
         complete = t.missing == 0 and t.duplicates == 0
         row("verified: distinct / missing / dup", f"{t.distinct:,} / {t.missing} / "
@@ -761,7 +746,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python bench/forward.py",
         description="Throughput, CPU, memory and latency of the gateway's forwarding path "
-                    "against a real mosquitto (TLS).")
+                    "against the ThingsBoard stand-in, a real MQTT server (TLS).")
     parser.add_argument("--records", type=int, default=1_000_000,
                         help="backlog for the throughput phase (default 1,000,000)")
     parser.add_argument("--latency-seconds", type=float, default=20.0,
@@ -789,9 +774,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not mosquitto_available():
-        say("mosquitto is not installed: apt-get install -y mosquitto")
-        return 2
     # Ctrl-C and SIGTERM both end up in the cleanup below (SIGINT explicitly: a shell
     # starts background jobs with it ignored).
     signal.signal(signal.SIGTERM, _raise_interrupt)

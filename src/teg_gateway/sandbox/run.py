@@ -1,9 +1,10 @@
 """``teg-gateway sandbox``: the whole chain on one machine, no ThingsBoard server needed.
 
 The ThingsBoard stand-in (an MQTT server with TLS, optionally rate limited) + mosquitto as
-the device's local broker + the sample controller + the real gateway as a child process. The gateway provisions itself, forwards what the controller writes and
-answers an RPC; at the end the run shows what "ThingsBoard" received and checks, record
-by record, that nothing was lost.
+the device's local broker + the sample controller + the real gateway as a child process.
+The gateway provisions itself, forwards what the controller writes and answers an RPC; at
+the end the run shows what "ThingsBoard" received and checks, record by record, that
+nothing was lost.
 """
 
 from __future__ import annotations

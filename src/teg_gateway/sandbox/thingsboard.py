@@ -465,6 +465,11 @@ class FakeThingsBoard:
         return self._thread is not None
 
     @property
+    def native_thread_id(self) -> int | None:
+        """The operating system's id of the server's network thread (None when stopped)."""
+        return self._thread.native_id if self._thread is not None else None
+
+    @property
     def connected(self) -> bool:
         """Kept for older tests: the server is up (it needs no broker connection)."""
         return self.running
