@@ -274,3 +274,27 @@ def test_already_provisioned_needs_no_server(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "already provisioned: access token in" in result.stdout
     assert (data / "tb_access_token").read_text() == "existing-token\n"
+
+
+# -- sandbox ----------------------------------------------------------------------------------
+
+def test_sandbox_help_shows_the_stand_in_limits(tmp_path: Path) -> None:
+    result = run_cli(tmp_path, {}, "sandbox", "--help")
+    assert result.returncode == 0, result.stderr
+    for option in ("--rate-limit-messages", "--rate-limit-telemetry-messages",
+                   "--rate-limit-data-points", "--max-payload-bytes"):
+        assert option in result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--rate-limit-messages", "10/1"),
+     "rate limit '10/1': '10/1' is not TOKENS:SECONDS (e.g. 60:1,1800:60)"),
+    (("--rate-limit-data-points", "0:1"),
+     "rate limit '0:1': tokens and seconds must be positive"),
+    (("--max-payload-bytes", "0"), "max_payload_size must be positive, not 0"),
+])
+def test_sandbox_refuses_bad_limits_in_one_line(tmp_path: Path, args: tuple[str, ...],
+                                                message: str) -> None:
+    result = run_cli(tmp_path, {}, "sandbox", *args)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"teg-gateway sandbox: {message}"]
