@@ -10,7 +10,8 @@ connection, not a router between clients:
   ``/provision/request`` may be published there); any other login must be a known access
   token (the user name) or known MQTT_BASIC credentials (client id, user name, password):
   `access_token`, `basic_credentials`, whatever it handed out by provisioning, and what
-  `accept_token` / `accept_basic` add. Anything else gets CONNACK return code 5;
+  `accept_token` / `accept_basic` add. Anything else is refused with CONNACK return code 4
+  (a known MQTT_BASIC user with a wrong password) or 5, and the connection is closed;
 - one session per device: a second login with the same credentials pushes the first off;
 - it closes the connection, without PUBACK, on any violation: a payload larger than
   `Limits.max_payload_size`, telemetry or attributes that are not valid JSON of the right
@@ -21,6 +22,13 @@ connection, not a router between clients:
   ``v1/devices/me/rpc/request/<id>``, e.g. ``getSessionLimits``) from server-side RPC (a
   request it publishes there to the device), and answers ``getSessionLimits`` with the
   configured limits unless `answer_session_limits` is off (an older server).
+
+Answers to a request (attributes, ``getSessionLimits``, OTA chunks, provisioning) go to the
+session that asked, subscribed or not, as ThingsBoard does; shared attribute updates and
+server-side RPCs go to the device sessions subscribed to their topic. Publishes on topics
+it does not know are acknowledged and dropped (`unknown_publishes`).
+`Limits.max_inflight_messages` is reported to ``getSessionLimits`` but not enforced: the
+server acknowledges each publish as soon as it has read it.
 
 What it does not model: persistent sessions (every session is clean; nothing is kept for
 a device while it is offline), QoS 2 (the connection is closed), retained messages and
