@@ -14,6 +14,7 @@ from teg_gateway.sandbox import mqttcodec as mq
 from teg_gateway.sandbox.certs import Pki
 from teg_gateway.sandbox.ratelimit import RateLimit, parse_limit_spec
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard, Limits
+from teg_gateway.sandbox.thingsboard import _count_telemetry as count_telemetry
 from test_sandbox_parts import WAIT, Device
 
 TELEMETRY = "v1/devices/me/telemetry"
@@ -72,6 +73,28 @@ def test_a_request_larger_than_a_window_never_passes() -> None:
     limit = RateLimit("100:1", FakeClock())
     assert not limit.try_consume(101)
     assert limit.try_consume(100)
+
+
+@pytest.mark.parametrize(("document", "counted"), [
+    ([{"ts": 1, "values": {"a": 1, "b": 2}}, {"ts": 2, "values": {}}], (2, 2)),
+    ([{"ts": 1, "values": {"a": 1}}, {"x": 1, "y": 2}], (2, 3)),  # mixed forms
+    ([{"ts": 1, "values": {"a": 1}}, {"ts": 2}], (2, 2)),  # no "values": a flat record
+    ({"ts": 1, "values": {"a": 1}}, (1, 1)),
+    ({"a": 1, "b": {"nested": 1}}, (1, 2)),
+    ([], (0, 0)),
+])
+def test_records_and_data_points_of_every_telemetry_form(document: object,
+                                                          counted: tuple[int, int]) -> None:
+    assert count_telemetry(document) == counted
+
+
+@pytest.mark.parametrize("document", [
+    [{"ts": True, "values": {}}], [{"ts": "1", "values": {}}], [{"ts": 1, "values": []}],
+    [1], ["x"], [[]], 5, "text", None,
+])
+def test_invalid_telemetry_forms(document: object) -> None:
+    with pytest.raises(ValueError):
+        count_telemetry(document)
 
 
 # -- codec ------------------------------------------------------------------------------

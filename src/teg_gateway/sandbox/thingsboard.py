@@ -53,6 +53,7 @@ import hashlib
 import itertools
 import json
 import logging
+import operator
 import re
 import ssl
 import threading
@@ -1292,9 +1293,23 @@ class FakeThingsBoard:
             self._later(delay, lambda: self._reply(session, topic, data))
 
 
+_GET_TS = operator.itemgetter("ts")
+_GET_VALUES = operator.itemgetter("values")
+
+
 def _count_telemetry(document: Any) -> tuple[int, int]:
     """(records, data points) of a telemetry payload in any of its three forms;
     ValueError if it is not one of them."""
+    if type(document) is list:
+        # The gateway's form, an array of {"ts", "values"}, checked with loops in C.
+        try:
+            if set(map(type, document)) <= {dict}:
+                values = list(map(_GET_VALUES, document))
+                if (set(map(type, map(_GET_TS, document))) <= {int}
+                        and set(map(type, values)) <= {dict}):
+                    return len(document), sum(map(len, values))
+        except KeyError:
+            pass  # a record without "ts" or "values": the flat form, or an error
     items = document if isinstance(document, list) else [document]
     data_points = 0
     for item in items:
