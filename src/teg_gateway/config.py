@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from teg_gateway.cloud.limits import LimitsError, parse_rate_limit
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
 
 
@@ -60,6 +62,19 @@ class ThingsBoardSettings:
     reconnect_max_s: float = setting(60.0, "reconnect delay cap", check="positive")
     provision_timeout_s: float = setting(10.0, "wait for a provisioning answer before retrying",
                                          check="positive")
+    rate_limits_messages: str = setting(
+        "", "messages limit (N:S,N:S = N per S seconds, every window at once) used when the "
+            "server does not answer getSessionLimits; empty = none", check="rate_limits")
+    rate_limits_telemetry_messages: str = setting(
+        "", "telemetry messages limit (N:S,...) used when the server does not answer "
+            "getSessionLimits; empty = none", check="rate_limits")
+    rate_limits_telemetry_data_points: str = setting(
+        "", "telemetry data points limit (N:S,...; one point per key of each record) used "
+            "when the server does not answer getSessionLimits; empty = none",
+        check="rate_limits")
+    max_payload_bytes: int = setting(65536, "the server's largest accepted publish, used when "
+                                            "it does not answer getSessionLimits",
+                                     check="server_payload")
 
 
 @dataclass
@@ -338,6 +353,13 @@ def _check(value: Any, check: str | None, where: str) -> None:
         raise ConfigError(f"setting {where}: must be greater than 0, got {value}")
     if check == "non_negative" and value < 0:
         raise ConfigError(f"setting {where}: must not be negative, got {value}")
+    if check == "rate_limits":
+        try:
+            parse_rate_limit(value)
+        except LimitsError as exc:
+            raise ConfigError(f"setting {where}: {exc}") from None
+    if check == "server_payload" and not 1024 <= value <= 256 * 1024 * 1024:
+        raise ConfigError(f"setting {where}: must be from 1024 bytes to 256 MiB, got {value}")
     if check == "payload" and not 1024 <= value <= 65536:
         raise ConfigError(f"setting {where}: must be from 1024 to 65536 bytes, got {value}")
     if check == "runtime" and value not in ("process", "docker", "none"):

@@ -49,10 +49,27 @@ def status_lines(settings: Settings) -> list[str]:
             state.get("last_connected_ms")
         ago = f" ({_age(now - int(when))} ago)" if isinstance(when, int) else ""
         lines.append(f"last connection: {result}{ago}")
+        limits = state.get("session_limits")
+        if isinstance(limits, dict):
+            lines.append(f"session limits: {describe_limits(limits)}")
     else:
         lines.append("last connection: never tried")
     lines.append(_health_line(settings.controller_data_dir / QUEUE_FILE, now))
     return lines
+
+
+def describe_limits(limits: dict[str, object]) -> str:
+    """One line for the session limits as stored in the cloud state."""
+    rates = limits.get("rateLimits")
+    rates = rates if isinstance(rates, dict) else {}
+    parts = [f"{name} {rates.get(key) or 'unlimited'}" for key, name in
+             (("messages", "messages"), ("telemetryMessages", "telemetry messages"),
+              ("telemetryDataPoints", "data points"))]
+    payload = limits.get("maxPayloadSize")
+    inflight = limits.get("maxInflightMessages")
+    parts.append(f"max payload {payload or 'unlimited'}")
+    parts.append(f"max in flight {inflight or 'unlimited'}")
+    return f"{', '.join(parts)} (from the {limits.get('source', 'config')})"
 
 
 def _outbox_lines(path: Path, now: int) -> list[str]:
