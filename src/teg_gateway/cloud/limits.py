@@ -262,8 +262,10 @@ class Pacer:
         return Bucket(windows, now, full=first)
 
     def cut(self) -> None:
-        """The server closed the connection on us: assume every bucket is used up."""
+        """The server closed the connection on us: assume every bucket is used up, those
+        of limits it has not told yet included."""
         now = self.clock()
+        self._known.update(RATE_LIMIT_KINDS)
         for bucket in (self.messages, self.telemetry_messages, self.data_points):
             if bucket is not None:
                 bucket.empty(now)
