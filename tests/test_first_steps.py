@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import render_toml
+from conftest import GatewayFactory, needs_mosquitto, render_toml
 from teg_gateway.config import ConfigError, load_settings
 from teg_gateway.sandbox.broker import free_tcp_ports
+from teg_gateway.sandbox.thingsboard import FakeThingsBoard
 from test_config import run_cli
+from test_forwarding import wait_connected
 
 
 def test_help_names_the_required_settings_and_the_readme(tmp_path: Path) -> None:
@@ -145,3 +148,32 @@ def test_a_data_path_under_a_regular_file_is_one_line_and_exit_2(tmp_path: Path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert len(result.stderr.splitlines()) == 1
     assert str(data) in result.stderr and "cannot be created" in result.stderr
+
+
+def test_status_shows_the_local_broker(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    port = free_tcp_ports(1)[0]
+    result = run_cli(tmp_path / "work", {"TEG_DATA_PATH": str(data)}, "status",
+                     config=render_toml({"local_mqtt": {"port": port}}))
+    assert result.returncode == 0, result.stderr
+    assert f"local broker: 127.0.0.1:{port} not reachable" in result.stdout
+    result = run_cli(tmp_path / "work", {"TEG_DATA_PATH": str(data)}, "status",
+                     config=render_toml({"local_mqtt": {"enabled": False}}))
+    assert "local broker: disabled" in result.stdout
+
+
+@needs_mosquitto
+def test_an_absent_local_broker_is_said_once_at_info(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard) -> None:
+    port = free_tcp_ports(1)[0]
+    gateway = make_gateway(config={"local_mqtt": {"enabled": True, "port": port,
+                                                  "reconnect_max_s": 0.2}},
+                           env={"LOG_LEVEL": "INFO"})
+    gateway.start()
+    wait_connected(thingsboard, gateway)
+    time.sleep(1.5)  # several retries at 0.2 s
+    lines = [line for line in gateway.log_text().splitlines()
+             if f"local broker 127.0.0.1:{port} not reachable" in line]
+    assert len(lines) == 1, lines
+    assert " INFO " in lines[0]
