@@ -41,6 +41,7 @@ from teg_gateway.status import status_lines
 from teg_gateway.store.stores import ARCHIVE_FILE, OUTBOX_FILE
 
 REDACTED = "<redacted>"
+MIN_GUESSED_SECRET = 6
 LOG_LINES = 1000
 # Setting names whose value is a secret (paths to secrets, like access_token_file, are not).
 SECRET_SETTINGS = frozenset({"provision_device_key", "provision_device_secret"})
@@ -98,11 +99,14 @@ def collect(settings: Settings, load: Callable[[], Settings],
 def secret_values(settings: Settings) -> list[str]:
     """Every secret value known to the gateway, longest first."""
     tb = settings.thingsboard
-    values = {tb.provision_device_key, tb.provision_device_secret,
-              *settings.controller.env.values()}
+    values = {tb.provision_device_key, tb.provision_device_secret}
+    # Values only guessed to be secret must be long enough not to blank out ordinary
+    # words ("true", "1") everywhere in the bundle.
+    guessed = set(settings.controller.env.values())
     for name, value in os.environ.items():
         if SECRET_NAME.search(name) and name not in PATH_VARIABLES:
-            values.add(value)
+            guessed.add(value)
+    values |= {value for value in guessed if len(value) >= MIN_GUESSED_SECRET}
     try:
         creds = credentials.load(settings.access_token_path)
     except (credentials.CredentialsError, OSError):
