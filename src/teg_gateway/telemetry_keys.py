@@ -27,7 +27,8 @@ HEALTH_KEYS: tuple[str, ...] = (
 # Telemetry sent when something happens (state changes, operations, logs).
 EVENT_KEYS: tuple[str, ...] = (
     "controller_state", "controller_restarts", "controller_version", "controller_last_exit",
-    "controller_consecutive_failures",
+    "controller_consecutive_failures", "controller_restart_reason", "controller_error",
+    "controller_restart_delay_s", "controller_healthy",
     "sw_state", "sw_error", "current_sw_title", "current_sw_version",
     "restart_status", "restart_reason", "restart_id",
     "severity", "message",
