@@ -177,3 +177,18 @@ def test_an_absent_local_broker_is_said_once_at_info(
              if f"local broker 127.0.0.1:{port} not reachable" in line]
     assert len(lines) == 1, lines
     assert " INFO " in lines[0]
+
+
+def test_a_database_path_that_cannot_be_opened_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "outbox.db").mkdir(parents=True)  # a directory where the database belongs
+    result = run_cli(tmp_path / "work", {
+        "TEG_DATA_PATH": str(data), "TB_HOST": "127.0.0.1",
+        "THINGSBOARD_PROVISION_DEVICE_KEY": "k", "THINGSBOARD_PROVISION_DEVICE_SECRET": "s"},
+        "run", config=render_toml({"local_mqtt": {"enabled": False}}))
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, output
+    assert f"databases (outbox.db, archive.db) in the data directory {data}" in errors[0]

@@ -181,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (sqlite3.Error, OSError) as exc:
         # At start: a database that cannot be opened or created (read-only, full disk,
         # wrong owner). One line naming the directory, never a traceback.
-        log.error("cannot start with data directory %s: %s", settings.data_dir, exc)
+        log.error("cannot open the gateway's databases (outbox.db, archive.db) in the data "
+                  "directory %s: %s", settings.data_dir, exc)
         return EXIT_CONFIG
 
 
