@@ -35,8 +35,8 @@ REQUIRED = """required settings (environment variable, TOML setting or flag):
   THINGSBOARD_CA_CERT names the CA of a server not in the system's store.
 
 `teg-gateway check` tests every setting and connection and says how to fix a problem.
-Every setting, the exit codes and the guides: the README (README.md in the source tree,
-https://pypi.org/project/teg-gateway/ or the package's documentation directory)."""
+Every setting, the exit codes and the guides: README.md (in the source tree; it is also
+the package's long description) and docs/."""
 
 # Flag -> setting; the original gateway's --tb-host, --tb-port, --device-name included.
 FLAGS: dict[str, tuple[str, str]] = {

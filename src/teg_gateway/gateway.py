@@ -393,7 +393,8 @@ class Gateway:
                 self._on_db_error(exc, "health telemetry")
 
     def health_values(self) -> dict[str, Any]:
-        """The gateway's health telemetry (see the README for each key)."""
+        """The gateway's health telemetry: keys from telemetry_keys.HEALTH_KEYS (the README
+        describes each; a test checks that nothing else is sent)."""
         outbox = self.stores.outbox
         now = now_ms()
         values: dict[str, Any] = {
