@@ -213,3 +213,15 @@ def test_an_absent_local_broker_and_controller_program(tmp_path: Path,
     assert "local_mqtt.enabled" in steps["local broker"][2]
     assert not steps["controller runtime"][0]
     assert "no-such-controller-program" in steps["controller runtime"][1]
+
+
+def test_a_token_file_readable_by_others_is_reported_not_changed(
+        tmp_path: Path, env: dict[str, str], data_dir: Path) -> None:
+    token = data_dir / "tb_access_token"
+    token.chmod(0o644)
+    code, steps = check(tmp_path / "work", env, {"local_mqtt": {"enabled": False}})
+    assert code == 1
+    ok, detail, fix = steps["credentials"]
+    assert not ok and "readable by other users" in detail
+    assert f"chmod 600 {token}" in fix
+    assert token.stat().st_mode & 0o777 == 0o644, "check changes nothing"

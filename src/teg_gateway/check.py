@@ -335,7 +335,7 @@ def _credentials_step(settings: Settings, stream: socket.socket, budget: _Budget
     tb = settings.thingsboard
     path = settings.access_token_path
     try:
-        creds = credentials.load(path)
+        creds = credentials.load(path, tighten=False)
     except credentials.CredentialsError as exc:
         return Step("credentials", False, str(exc),
                     f"delete {path} so the gateway provisions again, or write a valid "
@@ -362,6 +362,10 @@ def _credentials_step(settings: Settings, stream: socket.socket, budget: _Budget
                     "the server closed the connection: check that TB_HOST:TB_PORT is "
                     "ThingsBoard's MQTT transport")
     if code == 0:
+        if path.stat().st_mode & 0o077:
+            return Step("credentials", False, f"{creds.describe()} accepted (CONNACK "
+                        f"accepted), but {path} is readable by other users",
+                        f"chmod 600 {path} (the gateway also does so at its next start)")
         return Step("credentials", True, f"{creds.describe()} from {path} accepted "
                     "(CONNACK accepted)")
     reason = CONNACK_REASONS.get(code, f"code {code}")

@@ -108,7 +108,7 @@ def secret_values(settings: Settings) -> list[str]:
             guessed.add(value)
     values |= {value for value in guessed if len(value) >= MIN_GUESSED_SECRET}
     try:
-        creds = credentials.load(settings.access_token_path)
+        creds = credentials.load(settings.access_token_path, tighten=False)
     except (credentials.CredentialsError, OSError):
         creds = None
     if creds is not None:
