@@ -113,7 +113,7 @@ def test_tail_reads_a_large_file_in_blocks(tmp_path: Path) -> None:
     path = tmp_path / "big.log"
     with path.open("w") as fh:
         line = log_line("INFO", "filler " + "y" * 200)
-        for _ in range(32 * 1024 * 1024 // len(line)):
+        for _ in range(12 * 1024 * 1024 // len(line)):
             fh.write(line)
         fh.write(log_line("WARNING", "the last warning"))
     tracemalloc.start()
@@ -123,9 +123,15 @@ def test_tail_reads_a_large_file_in_blocks(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert lines == [] and not stopped
-    assert peak < 4 * 1024 * 1024, f"peak {peak} bytes for a 32 MiB file"
+    assert peak < 4 * 1024 * 1024, f"peak {peak} bytes for a 12 MiB file"
     lines, _ = tail([path], LogQuery("gateway", 1, 30, ""))
     assert lines == [log_line("WARNING", "the last warning").rstrip("\n")]
+    # A file larger than the scan limit: the search stops there and says so.
+    with path.open("a") as fh:
+        for _ in range(6 * 1024 * 1024 // len(line)):
+            fh.write(line)
+    lines, stopped = tail([path], LogQuery("gateway", 100, None, "absent"))
+    assert lines == [] and stopped
 
 
 def test_lines_backwards_keeps_every_line_across_blocks(tmp_path: Path) -> None:

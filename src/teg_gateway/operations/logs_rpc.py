@@ -25,8 +25,9 @@ MAX_LINES = 2000
 DEFAULT_LINES = 100
 MAX_LINE_CHARS = 2000
 BLOCK = 64 * 1024
-# A grep over a huge log stops after this much has been read, and says so.
-MAX_SCAN_BYTES = 64 * 1024 * 1024
+# A search through a huge log stops after this much has been read, and says so: about
+# 0.3 s on a 2-core x86 VM, a few seconds on a Raspberry Pi, within the RPC's time.
+MAX_SCAN_BYTES = 16 * 1024 * 1024
 LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
 _LEVEL_WORD = re.compile(r"\b(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)\b")
 
