@@ -10,6 +10,7 @@ the server never had to close the connection.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -197,14 +198,14 @@ def test_a_record_the_server_can_never_take_is_a_dead_letter(
         wide = json.dumps({"ts": 2, "values": {"seq": 100001,
                                                **{f"k{i}": i for i in range(60)}}})
         with QueueWriter(data_dir) as writer:
-            writer.write(records(100) + [("telemetry", big), ("telemetry", wide)]
-                         + records(100, 100))
+            writer.write([*records(100), ("telemetry", big), ("telemetry", wide),
+                          *records(100, 100)])
         gateway = gateway_for(make_gateway, tb)
         gateway.start()
         result = wait_delivered(tb, range(200), gateway, timeout=60.0)
         assert delivery(tb, [100000, 100001]).missing == [100000, 100001]
         assert tb.closes == []
-        conn = __import__("sqlite3").connect(data_dir / "outbox.db")
+        conn = sqlite3.connect(data_dir / "outbox.db")
         reasons = [r for (r,) in conn.execute("SELECT reason FROM dead_letter ORDER BY id")]
         conn.close()
         assert len(reasons) == 2

@@ -30,8 +30,10 @@ from teg_gateway.cloud.provision import device_name, ensure_credentials
 from teg_gateway.cloud.session import CloudSession
 from teg_gateway.config import Settings, level_number
 from teg_gateway.controller.queue import QueueIntake
+from teg_gateway.controller.runtime import LOG_FILE_NAME as CONTROLLER_LOG_FILE
 from teg_gateway.controller.runtime import make_runtime
 from teg_gateway.controller.supervisor import Supervisor, controller_state_file
+from teg_gateway.datadir import prepare_data_dir
 from teg_gateway.local.bus import SERVICE_NAME, LocalBus
 from teg_gateway.local.topics import Mapped
 from teg_gateway.logs import CloudLogHandler
@@ -39,6 +41,7 @@ from teg_gateway.mqttlink import ConnectionLost
 from teg_gateway.operations.commands import GatewayControls, register_gateway_rpc
 from teg_gateway.operations.controller_rpc import register_controller_rpc
 from teg_gateway.operations.files import FileManager
+from teg_gateway.operations.logs_rpc import register_logs_rpc
 from teg_gateway.operations.ota import SHARED_KEYS as OTA_SHARED_KEYS
 from teg_gateway.operations.ota import OtaManager
 from teg_gateway.operations.restart import RestartOperation
@@ -127,6 +130,8 @@ class Gateway:
             status=self.status_values, report=self.report_telemetry,
             request_stop=self.request_stop, wake_forwarder=self._poke_forwarder))
         register_controller_rpc(self.rpc, self.supervisor)
+        register_logs_rpc(self.rpc, settings.log_file,
+                          settings.controller_logs_dir / CONTROLLER_LOG_FILE)
         self.ota = OtaManager(settings, self.supervisor, self._cloud_publish,
                               self.report_telemetry,
                               state_dir(settings.data_dir) / "ota.json")
@@ -153,7 +158,7 @@ class Gateway:
 
     async def run(self) -> int:
         settings = self.settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(settings.data_dir)
         logging.getLogger().addHandler(self.cloud_logs)
         self._install_signals()
         try:
@@ -396,7 +401,8 @@ class Gateway:
                 self._on_db_error(exc, "health telemetry")
 
     def health_values(self) -> dict[str, Any]:
-        """The gateway's health telemetry (see the README for each key)."""
+        """The gateway's health telemetry: keys from telemetry_keys.HEALTH_KEYS (the README
+        describes each; a test checks that nothing else is sent)."""
         outbox = self.stores.outbox
         now = now_ms()
         depth = outbox.depth()

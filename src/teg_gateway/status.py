@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ def status_lines(settings: Settings) -> list[str]:
     else:
         lines.append("last connection: never tried")
     lines.append(_health_line(settings.controller_data_dir / QUEUE_FILE, now))
+    lines.append(_local_broker_line(settings))
     return lines
 
 
@@ -70,6 +72,18 @@ def describe_limits(limits: dict[str, object]) -> str:
     parts.append(f"max payload {payload or 'unlimited'}")
     parts.append(f"max in flight {inflight or 'unlimited'}")
     return f"{', '.join(parts)} (from the {limits.get('source', 'config')})"
+
+
+def _local_broker_line(settings: Settings) -> str:
+    local = settings.local_mqtt
+    if not local.enabled:
+        return "local broker: disabled (local_mqtt.enabled = false)"
+    try:
+        with socket.create_connection((local.host, local.port), timeout=1.0):
+            return f"local broker: {local.host}:{local.port} accepts connections"
+    except OSError as exc:
+        return (f"local broker: {local.host}:{local.port} not reachable "
+                f"({exc.strerror or exc}); the gateway works without it")
 
 
 def _outbox_lines(path: Path, now: int) -> list[str]:
