@@ -128,7 +128,10 @@ class ContainerEngine:
         (self.workdir / "containers.conf").write_text(CONTAINERS_CONF)
         (self.workdir / "registries.conf").write_text(REGISTRIES_CONF)
         socket = self.workdir / "engine.sock"
-        env = {**os.environ,
+        # podman's API keeps uploads (an image import is ~60 MB) in TMPDIR, /var/tmp by
+        # default, and does not always remove them: keep them in the workdir.
+        (self.workdir / "tmp").mkdir(exist_ok=True)
+        env = {**os.environ, "TMPDIR": str(self.workdir / "tmp"),
                "CONTAINERS_CONF": str(self.workdir / "containers.conf"),
                "CONTAINERS_REGISTRIES_CONF": str(self.workdir / "registries.conf")}
         log = (self.workdir / "engine.log").open("wb")
@@ -222,3 +225,4 @@ class ContainerEngine:
             self._unmount_storage()
             shutil.rmtree(self.workdir / "storage", ignore_errors=True)
             shutil.rmtree(self.workdir / "run", ignore_errors=True)
+            shutil.rmtree(self.workdir / "tmp", ignore_errors=True)

@@ -102,11 +102,13 @@ def test_status_of_an_empty_data_directory(tmp_path: Path) -> None:
     assert list(data.iterdir()) == [], "status must not write into the data directory"
 
 
-def test_status_of_a_missing_data_directory(tmp_path: Path) -> None:
+def test_status_of_a_missing_data_directory_says_so(tmp_path: Path) -> None:
     data = tmp_path / "absent"
-    status = status_of(tmp_path / "work", {"TEG_DATA_PATH": str(data)})
-    assert status["provisioned"].startswith("no")
-    assert status["outbox"] == "not created yet"
+    result = run_cli(tmp_path / "work", {"TEG_DATA_PATH": str(data)}, "status")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"teg-gateway: data directory {data} does not exist (setting paths.data, "
+        "TEG_DATA_PATH): nothing has run with this path; check it for a typo"]
     assert not data.exists()
 
 
@@ -258,7 +260,8 @@ def test_provision_without_key_says_what_to_set(tmp_path: Path) -> None:
     data.mkdir()
     result = run_cli(tmp_path, {"TEG_DATA_PATH": str(data), "TB_HOST": "localhost"},
                      "provision")
-    assert result.returncode == 1
+    assert result.returncode == 2, "missing settings exit with 2, like every setting error"
+    assert len(result.stderr.splitlines()) == 1
     assert "THINGSBOARD_PROVISION_DEVICE_KEY" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -438,6 +438,8 @@ def test_run_takes_the_original_flags(make_gateway: GatewayFactory,
 
 def test_config_and_data_path_flags_after_the_command(tmp_path: Path) -> None:
     from_file, from_env, from_flag = (tmp_path / name for name in ("file", "env", "flag"))
+    for directory in (from_file, from_env, from_flag):
+        directory.mkdir()  # status on a missing data directory is an error
     config_file = tmp_path / "gateway.toml"
     config_file.write_text(render_toml({"paths": {"data": str(from_file)}}))
     result = run_command(tmp_path, cli_env(), None, ["status", "--config", str(config_file)],

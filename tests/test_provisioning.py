@@ -296,7 +296,7 @@ def test_run_without_provisioning_key_stops_with_a_clear_message(tmp_path: Path)
     data.mkdir()
     result = run_cli(tmp_path, {"TEG_DATA_PATH": str(data), "TB_HOST": "localhost"}, "run")
     output = result.stdout + result.stderr
-    assert result.returncode == 1, output
+    assert result.returncode == 2, output
     assert "THINGSBOARD_PROVISION_DEVICE_KEY" in output
     assert "Traceback" not in output
 

@@ -262,7 +262,7 @@ def test_record_too_large_for_one_publish_goes_to_dead_letter(
     [(queue_id, _type, message, reason)] = dead_letters(stores)
     assert (queue_id, message) == (4, too_big)
     assert reason.startswith("record is ") and "1024 bytes" in reason
-    stores.outbox.max_payload_bytes = limit
+    stores.outbox.max_record_bytes = limit - 2
     assert all(len(b.payload) <= limit for b in drain(stores.outbox))
 
 
@@ -319,7 +319,11 @@ def test_batches_respect_max_payload_bytes_and_keep_order(gateway_dir: Path) -> 
         stores.close()
 
 
-def test_oversize_record_goes_alone_and_other_kinds_one_per_publish(gateway_dir: Path) -> None:
+def test_oversize_message_is_a_dead_letter_and_other_kinds_go_one_per_publish(
+        gateway_dir: Path) -> None:
+    """Whatever path puts a message too large for one publish into the outbox (the local
+    bus, logs, RPC results, health), it becomes a dead letter with the reason; it never
+    reaches the forwarder, where ThingsBoard would close the connection on it."""
     limit = 1024
     stores = Stores(gateway_dir, limit)
     stores.open()
@@ -329,23 +333,95 @@ def test_oversize_record_goes_alone_and_other_kinds_one_per_publish(gateway_dir:
         outbox.put_telemetry({"seq": 1, "big": "x" * 3000}, 2)
         outbox.put_telemetry({"seq": 2}, 3)
         outbox.put_attributes({"attr": 1})
+        outbox.put_attributes({"attr": "é" * 600})
         outbox.put_attributes({"attr": 2})
         outbox.put_telemetry({"seq": 3}, 4)
 
         batches = drain(outbox)
 
         assert [(b.kind, b.count) for b in batches] == [
-            (TELEMETRY, 1), (TELEMETRY, 1), (TELEMETRY, 1), (ATTRIBUTES, 1), (ATTRIBUTES, 1),
-            (TELEMETRY, 1)]
-        assert len(batches[1].payload) > limit
-        assert json.loads(batches[3].payload) == {"attr": 1}
-        assert batches[3].topic == "v1/devices/me/attributes"
+            (TELEMETRY, 2), (ATTRIBUTES, 1), (ATTRIBUTES, 1), (TELEMETRY, 1)]
+        assert [r["values"]["seq"] for r in batch_records(batches[0])] == [0, 2]
+        assert json.loads(batches[1].payload) == {"attr": 1}
+        assert batches[1].topic == "v1/devices/me/attributes"
+        letters = stores.conn.execute(
+            "SELECT type, message, reason FROM dead_letter ORDER BY id").fetchall()
+        assert [(t, json.loads(m)) for t, m, _ in letters] == [
+            ("outbox telemetry", {"ts": 2, "values": {"seq": 1, "big": "x" * 3000}}),
+            ("outbox attributes", {"attr": "é" * 600})]
+        assert all("larger than the 1022 bytes one publish may carry" in r
+                   for _, _, r in letters)
+        assert outbox.counter("dead_letters") == 2
     finally:
         stores.close()
 
 
+def test_batches_fit_the_server_limits_and_what_never_fits_is_a_dead_letter(
+        stores: Stores) -> None:
+    """Limits the server announces later (smaller payloads, data points per publish) size
+    the batches; a stored record that can never fit them goes to the dead letters and the
+    records behind it still go."""
+    outbox = stores.outbox
+    outbox.count_points = True
+    outbox.put_telemetry({"a": 1, "b": 2}, 1)
+    outbox.put_telemetry({"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}, 2)
+    outbox.put_telemetry({"big": "x" * 400}, 3)
+    outbox.put_attributes({"attr": "y" * 400})
+    outbox.put(TELEMETRY, [telemetry_body({"a": i, "b": i}, 10 + i) for i in range(30)])
+
+    batches = []
+    while (batch := outbox.next_batch(max_bytes=300, max_points=4)) is not None:
+        batches.append(batch)
+
+    assert all(len(b.payload) <= 300 and b.points <= 4 for b in batches)
+    assert [b.points for b in batches] == [2] + [4] * 15
+    sent = [r["ts"] for b in batches for r in batch_records(b)]
+    assert sent == [1] + [10 + i for i in range(30)]
+    reasons = [r for (r,) in stores.conn.execute("SELECT reason FROM dead_letter ORDER BY id")]
+    assert len(reasons) == 3
+    assert "5 data points" in reasons[0] and "at most 4" in reasons[0]
+    assert "at most 300 bytes" in reasons[1] and "at most 300 bytes" in reasons[2]
+    assert outbox.depth() == 31
+
+
+def test_a_batch_put_back_is_handed_out_again_and_can_grow(stores: Stores) -> None:
+    outbox = stores.outbox
+    outbox.put(TELEMETRY, [telemetry_body({"seq": i}, i) for i in range(3)])
+    batch = outbox.next_batch()
+    assert batch is not None and batch.count == 3
+    outbox.put_back(batch)
+    outbox.put(TELEMETRY, [telemetry_body({"seq": i}, i) for i in range(3, 5)])
+    again = outbox.next_batch()
+    assert again is not None
+    assert [r["values"]["seq"] for r in batch_records(again)] == [0, 1, 2, 3, 4]
+    assert outbox.next_batch() is None
+
+
+def test_failed_delete_is_never_sent_again_and_retried(stores: Stores) -> None:
+    """A delete after PUBACK that fails (a full disk) must not make the forwarder send the
+    acknowledged records again; the delete is retried later."""
+    outbox = stores.outbox
+    outbox.put(TELEMETRY, [telemetry_body({"seq": i}, i) for i in range(10)])
+    first = outbox.next_batch(max_bytes=200)
+    assert first is not None
+    stores.conn.execute("CREATE TEMP TRIGGER refuse BEFORE DELETE ON main.outbox "
+                        "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    with pytest.raises(sqlite3.Error):
+        outbox.ack([first])
+    assert outbox.unsettled == 1
+
+    outbox.rewind()
+    resent = drain(outbox)
+    assert all(b.first_id > first.last_id for b in resent)
+
+    stores.conn.execute("DROP TRIGGER temp.refuse")
+    assert outbox.settle() == first.count
+    assert outbox.unsettled == 0
+    assert outbox.depth() == 10 - first.count
+
+
 def test_ack_deletes_exactly_the_batch(stores: Stores) -> None:
-    stores.outbox.max_payload_bytes = 1024
+    stores.outbox.max_record_bytes = 1022
     stores.outbox.put(TELEMETRY, [telemetry_body({"seq": i}, i) for i in range(200)])
     batches = drain(stores.outbox)
     assert len(batches) >= 4
@@ -370,7 +446,7 @@ def test_ack_deletes_exactly_the_batch(stores: Stores) -> None:
 
 def test_rewind_resends_unacknowledged(stores: Stores) -> None:
     outbox = stores.outbox
-    outbox.max_payload_bytes = 1024
+    outbox.max_record_bytes = 1022
     outbox.put(TELEMETRY, [telemetry_body({"seq": i}, i) for i in range(200)])
     first, second, third = outbox.next_batch(), outbox.next_batch(), outbox.next_batch()
     assert first and second and third

@@ -8,6 +8,7 @@ is for, so the README's table and the validation come from one place.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import tomllib
@@ -18,7 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from teg_gateway.cloud.limits import LimitsError, parse_rate_limit
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
+LOG_LEVELS_TEXT = "DEBUG, INFO, WARNING (or WARN), ERROR or CRITICAL"
+DATA_LOG_FILE = "<data>/logs/gateway.log"
 
 
 class ConfigError(Exception):
@@ -60,6 +65,19 @@ class ThingsBoardSettings:
     reconnect_max_s: float = setting(60.0, "reconnect delay cap", check="positive")
     provision_timeout_s: float = setting(10.0, "wait for a provisioning answer before retrying",
                                          check="positive")
+    rate_limits_messages: str = setting(
+        "", "messages limit (N:S,N:S = N per S seconds, every window at once) used when the "
+            "server does not answer getSessionLimits; empty = none", check="rate_limits")
+    rate_limits_telemetry_messages: str = setting(
+        "", "telemetry messages limit (N:S,...) used when the server does not answer "
+            "getSessionLimits; empty = none", check="rate_limits")
+    rate_limits_telemetry_data_points: str = setting(
+        "", "telemetry data points limit (N:S,...; one point per key of each record) used "
+            "when the server does not answer getSessionLimits; empty = none",
+        check="rate_limits")
+    max_payload_bytes: int = setting(65536, "the server's largest accepted publish, used when "
+                                            "it does not answer getSessionLimits",
+                                     check="server_payload")
 
 
 @dataclass
@@ -116,6 +134,11 @@ class LoggingSettings:
                                         "ThingsBoard", check="positive")
     cloud_burst: int = setting(20, "short bursts allowed above the per-minute rate",
                                check="positive")
+    file: str = setting(DATA_LOG_FILE, "the gateway's own log file, rotated by size (read by "
+                                       "the RPC logs and `diag`); empty: no file")
+    file_max_mb: float = setting(10.0, "rotate the log file at this size", check="positive")
+    file_count: int = setting(5, "rotated log files kept besides the current one (at least "
+                                 "1)", check="positive")
 
 
 @dataclass
@@ -256,6 +279,16 @@ class Settings:
         return Path(self.thingsboard.access_token_file or self.data_dir / "tb_access_token")
 
     @property
+    def log_file(self) -> Path | None:
+        """The gateway's own log file, None when off (``logging.file = ""``)."""
+        name = self.logging.file.strip()
+        if not name:
+            return None
+        if name.startswith("<data>/"):
+            return self.data_dir / name[len("<data>/"):]
+        return Path(name)
+
+    @property
     def log_level(self) -> int:
         return level_number(self.logging.level)
 
@@ -283,6 +316,15 @@ def _describe(section: str, name: str, meta: Mapping[str, Any]) -> str:
     return f"{section}.{name}" + (f" ({env})" if env else "")
 
 
+def _got(value: Any) -> str:
+    """How a wrong value is shown: a string from a TOML file is said to be a string."""
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    return repr(value)
+
+
 def _convert(value: Any, kind: Any, where: str, from_text: bool) -> Any:
     origin = typing.get_origin(kind)
     if kind is bool:
@@ -292,10 +334,10 @@ def _convert(value: Any, kind: Any, where: str, from_text: bool) -> Any:
             return True
         if from_text and str(value).strip().lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"setting {where}: must be true or false, got {value!r}")
+        raise ConfigError(f"setting {where}: must be true or false, got {_got(value)}")
     if kind is int:
         if isinstance(value, bool):
-            raise ConfigError(f"setting {where}: must be a whole number, got {value!r}")
+            raise ConfigError(f"setting {where}: must be a whole number, got {_got(value)}")
         if isinstance(value, int):
             return value
         if from_text:
@@ -303,7 +345,7 @@ def _convert(value: Any, kind: Any, where: str, from_text: bool) -> Any:
                 return int(str(value).strip())
             except ValueError:
                 pass
-        raise ConfigError(f"setting {where}: must be a whole number, got {value!r}")
+        raise ConfigError(f"setting {where}: must be a whole number, got {_got(value)}")
     if kind is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
@@ -312,20 +354,20 @@ def _convert(value: Any, kind: Any, where: str, from_text: bool) -> Any:
                 return float(str(value).strip())
             except ValueError:
                 pass
-        raise ConfigError(f"setting {where}: must be a number, got {value!r}")
+        raise ConfigError(f"setting {where}: must be a number, got {_got(value)}")
     if kind is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"setting {where}: must be a string, got {value!r}")
+        raise ConfigError(f"setting {where}: must be a string, got {_got(value)}")
     if origin is list:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
-        raise ConfigError(f"setting {where}: must be a list of strings, got {value!r}")
+        raise ConfigError(f"setting {where}: must be a list of strings, got {_got(value)}")
     if origin is dict:
         if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
                                            for k, v in value.items()):
             return dict(value)
-        raise ConfigError(f"setting {where}: must be a table of strings, got {value!r}")
+        raise ConfigError(f"setting {where}: must be a table of strings, got {_got(value)}")
     if origin in (types.UnionType, typing.Union):
         raise ConfigError(f"setting {where}: unsupported type")  # pragma: no cover
     raise ConfigError(f"setting {where}: unsupported type {kind!r}")  # pragma: no cover
@@ -338,6 +380,13 @@ def _check(value: Any, check: str | None, where: str) -> None:
         raise ConfigError(f"setting {where}: must be greater than 0, got {value}")
     if check == "non_negative" and value < 0:
         raise ConfigError(f"setting {where}: must not be negative, got {value}")
+    if check == "rate_limits":
+        try:
+            parse_rate_limit(value)
+        except LimitsError as exc:
+            raise ConfigError(f"setting {where}: {exc}") from None
+    if check == "server_payload" and not 1024 <= value <= 256 * 1024 * 1024:
+        raise ConfigError(f"setting {where}: must be from 1024 bytes to 256 MiB, got {value}")
     if check == "payload" and not 1024 <= value <= 65536:
         raise ConfigError(f"setting {where}: must be from 1024 to 65536 bytes, got {value}")
     if check == "runtime" and value not in ("process", "docker", "none"):
@@ -347,8 +396,7 @@ def _check(value: Any, check: str | None, where: str) -> None:
     if check == "chunk" and not 256 <= value <= 60000:
         raise ConfigError(f"setting {where}: must be from 256 to 60000 bytes, got {value}")
     if check == "level" and value.upper() not in LOG_LEVELS:
-        raise ConfigError(f"setting {where}: must be one of DEBUG, INFO, WARN, ERROR, "
-                          f"got {value!r}")
+        raise ConfigError(f"setting {where}: must be {LOG_LEVELS_TEXT}, got {value!r}")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -382,9 +430,10 @@ def load_settings(
     known_sections = dict(sections())
     for name, value in file_values.items():
         if name not in known_sections:
-            raise ConfigError(f"config file: unknown section [{name}]")
+            raise ConfigError(f"config file {config_file}: unknown section [{name}]"
+                              f"{_suggest(name, known_sections)}")
         if not isinstance(value, dict):
-            raise ConfigError(f"config file: [{name}] must be a table")
+            raise ConfigError(f"config file {config_file}: [{name}] must be a table")
     settings = Settings()
     for section_name, cls in known_sections.items():
         section = getattr(settings, section_name)
@@ -392,12 +441,14 @@ def load_settings(
         known = {f.name for f in dataclasses.fields(cls)}
         for key in table:
             if key not in known:
-                raise ConfigError(f"config file: unknown setting {section_name}.{key}")
+                raise ConfigError(f"config file {config_file}: unknown setting "
+                                  f"{section_name}.{key}{_suggest(key, known)}")
         for fld, kind in section_fields(cls):
             where = _describe(section_name, fld.name, fld.metadata)
             value = getattr(section, fld.name)
             if fld.name in table:
-                value = _convert(table[fld.name], kind, f"{section_name}.{fld.name}", False)
+                value = _convert(table[fld.name], kind,
+                                 f"{section_name}.{fld.name} (in {config_file})", False)
             env_name = fld.metadata.get("env")
             if env_name and env.get(env_name, "") != "":
                 value = _convert(env[env_name], kind, where, True)
@@ -408,6 +459,12 @@ def load_settings(
             setattr(section, fld.name, value)
     _check_whole(settings, require_data, require_host)
     return settings
+
+
+def _suggest(name: str, known: typing.Iterable[str]) -> str:
+    """``; did you mean `quota_mb`?`` for a near miss, else nothing."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
 
 
 def _check_whole(settings: Settings, require_data: bool, require_host: bool = False) -> None:

@@ -25,12 +25,15 @@ from typing import Any
 from teg_gateway import __version__
 from teg_gateway.cloud import session as topics
 from teg_gateway.cloud.forwarder import Forwarder
+from teg_gateway.cloud.limits import SessionLimits, payload_room
 from teg_gateway.cloud.provision import device_name, ensure_credentials
 from teg_gateway.cloud.session import CloudSession
 from teg_gateway.config import Settings, level_number
 from teg_gateway.controller.queue import QueueIntake
+from teg_gateway.controller.runtime import LOG_FILE_NAME as CONTROLLER_LOG_FILE
 from teg_gateway.controller.runtime import make_runtime
 from teg_gateway.controller.supervisor import Supervisor, controller_state_file
+from teg_gateway.datadir import prepare_data_dir
 from teg_gateway.local.bus import SERVICE_NAME, LocalBus
 from teg_gateway.local.topics import Mapped
 from teg_gateway.logs import CloudLogHandler
@@ -38,12 +41,13 @@ from teg_gateway.mqttlink import ConnectionLost
 from teg_gateway.operations.commands import GatewayControls, register_gateway_rpc
 from teg_gateway.operations.controller_rpc import register_controller_rpc
 from teg_gateway.operations.files import FileManager
+from teg_gateway.operations.logs_rpc import register_logs_rpc
 from teg_gateway.operations.ota import SHARED_KEYS as OTA_SHARED_KEYS
 from teg_gateway.operations.ota import OtaManager
 from teg_gateway.operations.restart import RestartOperation
 from teg_gateway.operations.rpc import RpcDispatcher
 from teg_gateway.store.db import is_corruption, is_disk_full
-from teg_gateway.store.outbox import TELEMETRY, now_ms
+from teg_gateway.store.outbox import TELEMETRY, TOPIC_TELEMETRY, now_ms
 from teg_gateway.store.state import cloud_state, state_dir
 from teg_gateway.store.stores import Stores
 
@@ -84,9 +88,11 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started_ms = now_ms()
-        self.stores = Stores(settings.data_dir, settings.outbox.max_payload_bytes)
+        payload_limit = min(settings.outbox.max_payload_bytes, payload_room(
+            settings.thingsboard.max_payload_bytes, TOPIC_TELEMETRY))
+        self.stores = Stores(settings.data_dir, payload_limit)
         self.intake = QueueIntake(settings.controller_data_dir, settings.queue.batch_size,
-                                  settings.outbox.max_payload_bytes)
+                                  payload_limit)
         self.lag = LagMonitor()
         self.cloud_logs = CloudLogHandler(level_number(settings.logging.cloud_level),
                                           settings.logging.cloud_per_minute,
@@ -124,6 +130,8 @@ class Gateway:
             status=self.status_values, report=self.report_telemetry,
             request_stop=self.request_stop, wake_forwarder=self._poke_forwarder))
         register_controller_rpc(self.rpc, self.supervisor)
+        register_logs_rpc(self.rpc, settings.log_file,
+                          settings.controller_logs_dir / CONTROLLER_LOG_FILE)
         self.ota = OtaManager(settings, self.supervisor, self._cloud_publish,
                               self.report_telemetry,
                               state_dir(settings.data_dir) / "ota.json")
@@ -141,6 +149,7 @@ class Gateway:
         self._intake_task: asyncio.Task[Any] | None = None
         self._session_task: asyncio.Task[Any] | None = None
         self._last_reported: dict[str, float] = {}
+        self._published_limits: dict[str, Any] | None = None
         self.records_in = 0
         self._dropped_unreported = 0
         self.exit_code = EXIT_OK
@@ -149,7 +158,7 @@ class Gateway:
 
     async def run(self) -> int:
         settings = self.settings
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(settings.data_dir)
         logging.getLogger().addHandler(self.cloud_logs)
         self._install_signals()
         try:
@@ -204,9 +213,13 @@ class Gateway:
         self.session.shared_keys += [k for k in self.files.shared_keys()
                                      if k not in self.session.shared_keys]
         self.session.on_connect.append(self.files.on_connect)
+        self.session.on_limits.append(self._publish_session_limits)
+        outbox = self.settings.outbox
         self.forwarder = Forwarder(self.stores.outbox, self.session,
-                                   self.settings.outbox.max_inflight,
-                                   self.settings.outbox.puback_timeout_s, self._on_db_error)
+                                   max_inflight=outbox.max_inflight,
+                                   puback_timeout_s=outbox.puback_timeout_s,
+                                   max_payload_bytes=outbox.max_payload_bytes,
+                                   on_db_error=self._on_db_error)
         self._session_task = self._start(self.session.run())
         self._start(self.forwarder.run())
 
@@ -388,12 +401,14 @@ class Gateway:
                 self._on_db_error(exc, "health telemetry")
 
     def health_values(self) -> dict[str, Any]:
-        """The gateway's health telemetry (see the README for each key)."""
+        """The gateway's health telemetry: keys from telemetry_keys.HEALTH_KEYS (the README
+        describes each; a test checks that nothing else is sent)."""
         outbox = self.stores.outbox
         now = now_ms()
+        depth = outbox.depth()
         values: dict[str, Any] = {
             "gateway_uptime_ms": now - self.started_ms,
-            "outbox_depth": outbox.depth(),
+            "outbox_depth": depth,
             "outbox_oldest_age_ms": outbox.oldest_age_ms() or 0,
             "outbox_bytes": outbox.used_bytes(),
             "archive_bytes": self.stores.archive.used_bytes(),
@@ -402,6 +417,10 @@ class Gateway:
             "records_dropped": outbox.counter("records_dropped"),
             "dead_letters": outbox.counter("dead_letters"),
             "reconnects": self.session.reconnects if self.session else 0,
+            "rate_limit_disconnects": self.session.rate_limit_disconnects
+            if self.session else 0,
+            "rate_limited_ms": self.session.pacer.take_waited_ms() if self.session else 0,
+            "outbox_eta_s": self._outbox_eta_s(depth),
             "loop_lag_ms": round(self.lag.take(), 1),
             "logs_suppressed": self.cloud_logs.suppressed,
         }
@@ -417,6 +436,28 @@ class Gateway:
         if self.supervisor is not None:
             values.update(self.supervisor.health_values(now))
         return values
+
+    def _outbox_eta_s(self, depth: int) -> int:
+        """Seconds until the outbox is empty at the rate the server's limits allow now (or,
+        without limits, at the rate seen so far); 0 when empty."""
+        if depth == 0 or self.session is None or self.forwarder is None:
+            return 0
+        fwd = self.forwarder
+        points_per_record = fwd.points / fwd.telemetry_records if fwd.telemetry_records else 1.0
+        per_publish = (fwd.telemetry_records / fwd.telemetry_publishes
+                       if fwd.telemetry_publishes else 1.0)
+        rate = self.session.pacer.records_per_s(points_per_record, per_publish)
+        if rate is None:
+            elapsed_s = (now_ms() - self.started_ms) / 1000
+            rate = fwd.records / elapsed_s if fwd.records and elapsed_s > 0 else None
+        return round(depth / rate) if rate else -1
+
+    def _publish_session_limits(self, limits: SessionLimits) -> None:
+        """The limits in force, as the client attribute ``session_limits`` (when changed)."""
+        described = limits.describe()
+        if described != self._published_limits:
+            self._published_limits = described
+            self._publish_attributes({"session_limits": described})
 
     async def _maintenance_loop(self) -> None:
         archive = self.settings.archive
@@ -575,6 +616,9 @@ class Gateway:
             "thingsboard": "connected" if session and session.connected.is_set()
             else (session.last_error if session else "not provisioned yet") or "connecting",
             "reconnects": session.reconnects if session else 0,
+            "rate_limit_disconnects": session.rate_limit_disconnects if session else 0,
+            "session_limits": session.pacer.limits.describe() if session and
+            session.ready.is_set() else None,
             "local_broker": "connected" if self.bus_connected.is_set()
             else ("disabled" if self.bus is None else "not connected"),
             "outbox_depth": outbox.depth(),

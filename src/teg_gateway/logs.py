@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from teg_gateway.store.outbox import telemetry_body
+
+if TYPE_CHECKING:
+    from teg_gateway.config import Settings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 PREFIX = "GATEWAY - "
@@ -26,6 +31,28 @@ def setup_stdout(level: int) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("paho").setLevel(max(level, logging.WARNING))
+
+
+def setup_file(settings: Settings) -> None:
+    """Also log to ``settings.log_file`` (rotated by size) unless it is off.
+
+    OSError when the file cannot be opened (the caller says which setting to fix).
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "teg_file", False):
+            root.removeHandler(handler)
+            handler.close()
+    path = settings.log_file
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        path, maxBytes=int(settings.logging.file_max_mb * 1024 * 1024),
+        backupCount=settings.logging.file_count, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.teg_file = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
 
 
 class CloudLogHandler(logging.Handler):

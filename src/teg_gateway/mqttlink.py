@@ -79,7 +79,9 @@ class MqttConnection:
             self.client.tls_set_context(tls)
         if will is not None:
             self.client.will_set(will.topic, will.payload, will.qos, will.retain)
-        # The gateway bounds what it has in flight itself; paho must not queue behind it.
+        # The gateway bounds what it has in flight itself: paho's own window is opened wide
+        # (and its queue left unlimited, which is what 0 means) so it never holds a
+        # publish back behind the gateway's accounting.
         self.client.max_inflight_messages_set(65535)
         self.client.max_queued_messages_set(0)
         self.keepalive = keepalive
@@ -90,6 +92,10 @@ class MqttConnection:
         self._connack: asyncio.Future[None] = self._loop.create_future()
         self.closed = asyncio.Event()
         self.close_reason = ""
+        # Whether the gateway closed the connection itself, and how many publishes were
+        # still waiting for their PUBACK when it closed.
+        self.closed_by_gateway = False
+        self.unacked_at_close = 0
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._subacks: dict[int, asyncio.Future[list[int]]] = {}
         c = self.client
@@ -139,6 +145,7 @@ class MqttConnection:
         if self.closed.is_set():
             return
         self.close_reason = self.close_reason or reason
+        self.unacked_at_close = sum(1 for fut in self._pending.values() if not fut.done())
         self.closed.set()
         if not self._connack.done():
             self._connack.set_exception(ConnectionLost(reason))
@@ -229,6 +236,8 @@ class MqttConnection:
         """
         if not self.close_reason:
             self.close_reason = reason
+        if not self.closed.is_set():
+            self.closed_by_gateway = True
         self.client.disconnect()
         stopper = asyncio.ensure_future(asyncio.to_thread(self.client.loop_stop))
         done, _ = await asyncio.wait({stopper}, timeout=wait)
@@ -249,7 +258,7 @@ CONNECT_ERRORS = (OSError, ConnectionLost, ConnectRefused, TimeoutError)
 
 async def keep_connected(
     connect: Callable[[], Awaitable[MqttConnection]],
-    serve: Callable[[MqttConnection], Awaitable[None]],
+    serve: Callable[[MqttConnection], Awaitable[float | None]],
     backoff: Backoff,
     stopping: asyncio.Event,
     on_failure: Callable[[BaseException], None],
@@ -258,21 +267,23 @@ async def keep_connected(
     log_level: int = logging.INFO,
 ) -> None:
     """Connect, serve until the connection ends, wait a backoff delay, and again, until
-    ``stopping`` is set. ``connect`` raises one of CONNECT_ERRORS when it fails; ``name``
-    and ``log_level`` are for the "reconnecting in" log line."""
+    ``stopping`` is set. ``connect`` raises one of CONNECT_ERRORS when it fails; ``serve``
+    may return the shortest delay before the next attempt. ``name`` and ``log_level`` are
+    for the "reconnecting in" log line."""
     while not stopping.is_set():
+        at_least: float | None = None
         try:
             conn = await connect()
         except CONNECT_ERRORS as exc:
             on_failure(exc)
         else:
             started = time.monotonic()
-            await serve(conn)
+            at_least = await serve(conn)
             if time.monotonic() - started >= STABLE_AFTER_S:
                 backoff.reset()
         if stopping.is_set():
             break
-        delay = backoff.next_delay()
+        delay = max(backoff.next_delay(), at_least or 0.0)
         log.log(log_level, "%s: reconnecting in %.1f s", name, delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), delay)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -49,10 +50,40 @@ def status_lines(settings: Settings) -> list[str]:
             state.get("last_connected_ms")
         ago = f" ({_age(now - int(when))} ago)" if isinstance(when, int) else ""
         lines.append(f"last connection: {result}{ago}")
+        limits = state.get("session_limits")
+        if isinstance(limits, dict):
+            lines.append(f"session limits: {describe_limits(limits)}")
     else:
         lines.append("last connection: never tried")
     lines.append(_health_line(settings.controller_data_dir / QUEUE_FILE, now))
+    lines.append(_local_broker_line(settings))
     return lines
+
+
+def describe_limits(limits: dict[str, object]) -> str:
+    """One line for the session limits as stored in the cloud state."""
+    rates = limits.get("rateLimits")
+    rates = rates if isinstance(rates, dict) else {}
+    parts = [f"{name} {rates.get(key) or 'unlimited'}" for key, name in
+             (("messages", "messages"), ("telemetryMessages", "telemetry messages"),
+              ("telemetryDataPoints", "data points"))]
+    payload = limits.get("maxPayloadSize")
+    inflight = limits.get("maxInflightMessages")
+    parts.append(f"max payload {payload or 'unlimited'}")
+    parts.append(f"max in flight {inflight or 'unlimited'}")
+    return f"{', '.join(parts)} (from the {limits.get('source', 'config')})"
+
+
+def _local_broker_line(settings: Settings) -> str:
+    local = settings.local_mqtt
+    if not local.enabled:
+        return "local broker: disabled (local_mqtt.enabled = false)"
+    try:
+        with socket.create_connection((local.host, local.port), timeout=1.0):
+            return f"local broker: {local.host}:{local.port} accepts connections"
+    except OSError as exc:
+        return (f"local broker: {local.host}:{local.port} not reachable "
+                f"({exc.strerror or exc}); the gateway works without it")
 
 
 def _outbox_lines(path: Path, now: int) -> list[str]:

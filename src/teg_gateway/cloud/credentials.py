@@ -73,15 +73,19 @@ def save(path: Path, creds: Credentials) -> None:
     atomic_write(path, data, mode=0o600)
 
 
-def load(path: Path) -> Credentials | None:
-    """The saved credentials, or None when the file does not exist."""
+def load(path: Path, tighten: bool = True) -> Credentials | None:
+    """The saved credentials, or None when the file does not exist.
+
+    ``tighten``: a file readable by others is set to mode 0600 (off for read-only tools).
+    """
     try:
         text = path.read_text().strip()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise CredentialsError(f"cannot read credentials file {path}: {exc.strerror}") from None
-    _tighten_mode(path)
+    if tighten:
+        _tighten_mode(path)
     if not text:
         raise CredentialsError(f"credentials file {path} is empty; delete it to provision again")
     if text.startswith("{"):

@@ -1,4 +1,8 @@
-"""Moves outbox batches to ThingsBoard, several publishes in flight, deleting on PUBACK."""
+"""Moves outbox batches to ThingsBoard, several publishes in flight, deleting on PUBACK.
+
+Every publish is sized and paced by the session's limits (``cloud/limits.py``): a batch
+fits the server's payload and data-point limits, and waits for its tokens on a timer.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from collections.abc import Callable
 
 from teg_gateway.cloud.session import CloudSession
 from teg_gateway.mqttlink import ConnectionLost, MqttConnection
-from teg_gateway.store.outbox import Batch, Outbox
+from teg_gateway.store.outbox import TELEMETRY, TOPIC_TELEMETRY, Batch, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +28,22 @@ class Forwarder:
     still in flight is sent again from the outbox on the next connection.
     """
 
-    def __init__(self, outbox: Outbox, session: CloudSession, max_inflight: int,
-                 puback_timeout_s: float,
+    def __init__(self, outbox: Outbox, session: CloudSession, *, max_inflight: int,
+                 puback_timeout_s: float, max_payload_bytes: int,
                  on_db_error: Callable[[BaseException], None] | None = None) -> None:
         self.outbox = outbox
         self.session = session
         self.max_inflight = max_inflight
         self.puback_timeout_s = puback_timeout_s
+        self.max_payload_bytes = max_payload_bytes
         self.on_db_error = on_db_error
         self.wake = asyncio.Event()
         self.paused = False
         self.publishes = 0
         self.records = 0
+        self.telemetry_publishes = 0
+        self.telemetry_records = 0
+        self.points = 0
         self._inflight: deque[tuple[Batch, asyncio.Future[None], float]] = deque()
         self.idle = asyncio.Event()
         self.idle.set()
@@ -49,7 +57,8 @@ class Forwarder:
 
     async def run(self) -> None:
         while True:
-            await self.session.connected.wait()
+            # Connected, and the session limits are known: nothing is sent before.
+            await self.session.ready.wait()
             conn = self.session.connection
             if conn is None or conn.closed.is_set():
                 # The session has not noticed the loss yet: let it run (never spin here
@@ -73,10 +82,14 @@ class Forwarder:
                 self.outbox.rewind()
 
     async def _pump(self, conn: MqttConnection) -> None:
+        pacer = self.session.pacer
+        # Data points are counted (in SQL, when reading ahead) only while they are limited.
+        self.outbox.count_points = pacer.max_points() is not None
         while not conn.closed.is_set():
             self.wake.clear()
-            self._fill(conn)
+            paced = self._fill(conn)
             self._collect()
+            timeout = 1.0
             if self._inflight:
                 overdue = self._inflight[0][2] - time.monotonic()
                 if overdue <= 0:
@@ -84,30 +97,54 @@ class Forwarder:
                                 self.puback_timeout_s)
                     await conn.close(f"no PUBACK within {self.puback_timeout_s:.0f} s")
                     raise ConnectionLost("PUBACK timeout")
-                timeout = min(overdue, 1.0)
-            else:
-                timeout = 1.0
+                timeout = min(overdue, timeout)
+            elif not paced:
                 self.idle.set()
+            if paced:
+                timeout = min(paced, timeout)
+            elif self.outbox.unsettled:
+                self._settle_deletes()
             if self.wake.is_set():
                 continue
+            started = time.monotonic()
             closed = asyncio.ensure_future(conn.closed.wait())
             woken = asyncio.ensure_future(self.wake.wait())
             await asyncio.wait({closed, woken}, timeout=timeout,
                                return_when=asyncio.FIRST_COMPLETED)
             closed.cancel()
             woken.cancel()
+            if paced:
+                pacer.waited_s += time.monotonic() - started
         raise ConnectionLost(conn.close_reason)
 
-    def _fill(self, conn: MqttConnection) -> None:
-        while not self.paused and len(self._inflight) < self.max_inflight:
-            batch = self.outbox.next_batch()
+    def _fill(self, conn: MqttConnection) -> float:
+        """Publish batches while the in-flight window and the limits allow; returns how
+        long the next batch must wait for its tokens (0: nothing waits)."""
+        pacer = self.session.pacer
+        max_inflight = pacer.max_inflight(self.max_inflight)
+        max_bytes = pacer.payload_limit(TOPIC_TELEMETRY, self.max_payload_bytes)
+        max_points = pacer.max_points()
+        while not self.paused and len(self._inflight) < max_inflight:
+            batch = self.outbox.next_batch(max_bytes, max_points)
             if batch is None:
-                return
+                return 0.0
+            telemetry = batch.kind == TELEMETRY
+            delay = pacer.outbox_delay(telemetry, batch.points)
+            if delay > 0:
+                # Built again when its tokens are there: it may have grown meanwhile.
+                self.outbox.put_back(batch)
+                return delay
+            pacer.take_outbox(telemetry, batch.points)
             fut = conn.publish(batch.topic, batch.payload)
             fut.add_done_callback(self.poke)
             self._inflight.append((batch, fut, time.monotonic() + self.puback_timeout_s))
             self.idle.clear()
             self.publishes += 1
+            if telemetry:
+                self.telemetry_publishes += 1
+                self.telemetry_records += batch.count
+                self.points += batch.points
+        return 0.0
 
     def _collect(self) -> None:
         """Acknowledge every finished publish; raise if one failed."""
@@ -132,7 +169,21 @@ class Forwarder:
         if not batches:
             return
         self.records += sum(b.count for b in batches)
-        self.outbox.ack(batches)
+        try:
+            self.outbox.ack(batches)
+        except sqlite3.Error as exc:
+            # ThingsBoard has these records: they are never sent again, and the delete is
+            # tried again later. Sending on is right; a rewind would resend what is in
+            # flight, again and again while the disk stays full.
+            if self.on_db_error:
+                self.on_db_error(exc)
+
+    def _settle_deletes(self) -> None:
+        try:
+            self.outbox.settle()
+        except sqlite3.Error as exc:
+            if self.on_db_error:
+                self.on_db_error(exc)
 
     def _settle(self) -> None:
         """After a connection ends: keep what was acknowledged, forget the rest."""
@@ -142,12 +193,7 @@ class Forwarder:
             if not fut.done():
                 fut.cancel()
         self._inflight.clear()
-        try:
-            self._ack(acked)
-        except Exception as exc:
-            log.exception("recording acknowledgements failed")
-            if self.on_db_error:
-                self.on_db_error(exc)
+        self._ack(acked)
         self.idle.set()
 
     async def drain(self, deadline_s: float) -> bool:

@@ -29,6 +29,18 @@ REQUEST_TOPIC = "/provision/request"
 RESPONSE_TOPIC = "/provision/response"
 
 
+# Host names many devices share (stock images): a fleet must not provision them all as one
+# ThingsBoard device.
+COMMON_DEVICE_NAMES = frozenset({
+    "raspberrypi", "localhost", "localhost.localdomain", "ubuntu", "debian", "dietpi",
+    "raspbian", "armbian", "orangepi", "rockpi", "beaglebone", "openwrt", "pi", "rpi"})
+
+
+def is_common_device_name(name: str) -> bool:
+    """Whether ``name`` is a host name many devices share (``raspberrypi``, ...)."""
+    return name.strip().lower() in COMMON_DEVICE_NAMES
+
+
 class ProvisionError(Exception):
     """ThingsBoard refused to provision this device; the message is the server's."""
 
@@ -127,6 +139,10 @@ async def ensure_credentials(settings: Settings) -> tuple[bool, Credentials]:
     if existing is not None:
         return False, existing
     name = device_name(settings.thingsboard.device_name)
+    if is_common_device_name(name):
+        log.warning("device name %r is a host name many devices share: each of them would "
+                    "ask for the same ThingsBoard device. Set THINGSBOARD_DEVICE_NAME to a "
+                    "unique name (see the README)", name)
     creds = await provision(settings, name)
     creds_mod.save(path, creds)
     log.info("provisioned device %r: %s saved to %s", name, creds.describe(), path)

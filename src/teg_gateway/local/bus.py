@@ -63,6 +63,7 @@ class LocalBus:
         # Retained alarms, twin values and health come again on every connect: forward
         # only what changed.
         self._last_retained: dict[str, bytes] = {}
+        self._absence_said = False
 
     async def run(self) -> None:
         backoff = Backoff(min(1.0, self.settings.reconnect_max_s), self.settings.reconnect_max_s)
@@ -83,11 +84,17 @@ class LocalBus:
         return conn
 
     def _connect_failed(self, exc: BaseException) -> None:
-        log.debug("local broker %s:%d not reachable: %s", self.settings.host,
-                  self.settings.port, exc)
+        # Said once at INFO (a device without a local broker is a normal set-up), then
+        # only at DEBUG on every retry.
+        level = logging.DEBUG if self._absence_said else logging.INFO
+        self._absence_said = True
+        log.log(level, "local broker %s:%d not reachable (%s); retrying in the background "
+                "(local_mqtt.enabled = false turns this off)", self.settings.host,
+                self.settings.port, exc)
 
     async def _serve(self, conn: MqttConnection) -> None:
         log.info("local broker: connected to %s:%d", self.settings.host, self.settings.port)
+        self._absence_said = False
         self.connection = conn
         self.connected.set()
         conn.publish(SERVICE_TOPIC, json.dumps(

@@ -9,13 +9,20 @@ nothing was lost.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from teg_gateway.sandbox.broker import Mosquitto, mosquitto_available
 from teg_gateway.sandbox.certs import make_pki
@@ -32,8 +39,67 @@ interval_s = 5.0
 """
 
 
+EXIT_INTERRUPTED = 130
+CONTROLLER_STOP_S = 10.0
+CATCH_UP_S = 5.0
+_STOPPED_AFTER = re.compile(r"sample controller stopped after (\d+) records")
+_WROTE = re.compile(r"^wrote (\d+) records", re.MULTILINE)
+
+
 def _say(text: str) -> None:
     print(text, flush=True)
+
+
+class _Interrupt:
+    """Ctrl-C (SIGINT) or SIGTERM asks the run to stop in order; a second one forces it."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.force: list[Callable[[], object]] = []
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupt:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, _sig: int, _frame: FrameType | None) -> None:
+        if not self.requested.is_set():
+            self.requested.set()
+            return
+        for action in self.force:
+            with contextlib.suppress(Exception):
+                action()
+        print("\nforced: stopped", flush=True)
+        raise SystemExit(EXIT_INTERRUPTED)
+
+
+def _written_by_controller(log_path: Path, received_seqs: set[int]) -> int | None:
+    """How many records the sample controller wrote, from its own log (None: unknown)."""
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return None
+    stopped = _STOPPED_AFTER.search(text)
+    if stopped:
+        return int(stopped.group(1))
+    wrote = _WROTE.findall(text)
+    at_least = int(wrote[-1]) if wrote else 0
+    return max(at_least, max(received_seqs, default=-1) + 1)
+
+
+def _stop_controller(controller: subprocess.Popen[bytes]) -> None:
+    if controller.poll() is None:
+        controller.terminate()
+        try:
+            controller.wait(CONTROLLER_STOP_S)
+        except subprocess.TimeoutExpired:
+            controller.kill()
+            controller.wait()
 
 
 def run_sandbox(seconds: float = 15.0, rate: float = 20.0, workdir: Path | None = None,
@@ -48,6 +114,12 @@ def run_sandbox(seconds: float = 15.0, rate: float = 20.0, workdir: Path | None 
     workdir.mkdir(parents=True, exist_ok=True)
     count = max(1, int(seconds * rate))
     _say(f"sandbox in {workdir}")
+    with _Interrupt() as interrupt:
+        return _run(workdir, count, seconds, rate, interrupt, limits=limits)
+
+
+def _run(workdir: Path, count: int, seconds: float, rate: float, interrupt: _Interrupt, *,
+         limits: Limits | None) -> int:
     pki = make_pki(workdir / "pki")
     with Mosquitto(workdir / "broker") as broker, FakeThingsBoard(pki, limits=limits) as tb:
         data = workdir / "data"
@@ -63,40 +135,79 @@ def run_sandbox(seconds: float = 15.0, rate: float = 20.0, workdir: Path | None 
         _say(f"ThingsBoard stand-in: TLS on {tb.tls_hostname}:{tb.tls_port} (CA {pki.ca_cert}), "
              f"limits {json.dumps(tb.limits.session_limits())}")
         _say(f"mosquitto (the device's local broker): {broker.host}:{broker.plain_port}")
-        controller_log = (workdir / "controller.log").open("w")
+        controller_log_path = workdir / "controller.log"
+        controller_log = controller_log_path.open("w")
+        # Its own session: Ctrl-C in the terminal reaches only this process, which stops
+        # the children in order (controller, then gateway, then the servers).
         controller = subprocess.Popen(
             [sys.executable, "-m", "teg_gateway.sandbox.controller", "--data", str(data),
              "--rate", str(rate), "--count", str(count)],
-            stdout=controller_log, stderr=subprocess.STDOUT)
+            stdout=controller_log, stderr=subprocess.STDOUT, start_new_session=True)
         config = SANDBOX_CONFIG + (f"\n[local_mqtt]\nenabled = true\nhost = \"{broker.host}\"\n"
                                    f"port = {broker.plain_port}\n")
         gateway = GatewayProcess(workdir / "gateway", env, config)
+        interrupt.force += [controller.kill, lambda: gateway.kill(whole_group=True),
+                            broker.kill]
+        written: int | None = None
         try:
             gateway.start()
             _say(f"sample controller: writing {count} CO2 records at {rate:g}/s; "
                  f"gateway pid {gateway.pid} (log {workdir / 'gateway' / 'gateway.log'})")
             deadline = time.monotonic() + seconds + 60
-            while time.monotonic() < deadline:
-                received = len(tb.telemetry_values("seq"))
-                _say(f"  ThingsBoard has {received}/{count} records")
-                if controller.poll() is not None and received >= count:
+            while time.monotonic() < deadline and not interrupt.requested.is_set():
+                seqs = set(tb.telemetry_values("seq"))
+                if controller.poll() is not None and written is None:
+                    written = _written_by_controller(controller_log_path, seqs)
+                    if written is not None and written < count:
+                        _say(f"  the sample controller stopped early, after {written} "
+                             "records")
+                target = count if written is None else written
+                _say(f"  ThingsBoard has {len(seqs)}/{target} records")
+                if written is not None and len(seqs) >= written:
                     break
-                time.sleep(1.0)
-            rpc = tb.rpc("ping", timeout=10)
-            _say(f"RPC ping answered: {json.dumps(rpc)}")
+                if not gateway.running:
+                    _say(f"  the gateway exited (code {gateway.returncode})")
+                    break
+                interrupt.requested.wait(1.0)
+            if interrupt.requested.is_set():
+                _say("interrupted: stopping the sample controller, then the gateway ...")
+                _stop_controller(controller)
+                written = _written_by_controller(controller_log_path,
+                                                 set(tb.telemetry_values("seq")))
+                _catch_up(tb, written, gateway)
+            else:
+                rpc = tb.rpc("ping", timeout=10)
+                _say(f"RPC ping answered: {json.dumps(rpc)}")
+            _stop_controller(controller)
             rc = gateway.stop()
         finally:
-            if controller.poll() is None:
-                controller.terminate()
-                controller.wait(10)
+            _stop_controller(controller)
             controller_log.close()
             if gateway.running:
-                gateway.kill()
-        return _report(tb, count, rc, workdir, env)
+                gateway.kill(whole_group=True)
+        if written is None:
+            written = _written_by_controller(controller_log_path,
+                                             set(tb.telemetry_values("seq")))
+        if interrupt.requested.is_set():
+            _say("stopped")
+        code = _report(tb, count if written is None else written, rc, workdir, env,
+                       interrupted=interrupt.requested.is_set())
+    _say(f"\nThis run's files are in {workdir} (logs, databases, and a throw-away CA with "
+         f"its private key); remove them with: rm -rf {workdir}")
+    return EXIT_INTERRUPTED if interrupt.requested.is_set() else code
+
+
+def _catch_up(tb: FakeThingsBoard, written: int | None, gateway: GatewayProcess) -> None:
+    """A few seconds for the gateway to forward what was written before it stops."""
+    deadline = time.monotonic() + CATCH_UP_S
+    while written is not None and gateway.running and time.monotonic() < deadline:
+        if len(set(tb.telemetry_values("seq"))) >= written:
+            return
+        time.sleep(0.2)
 
 
 def _report(tb: FakeThingsBoard, count: int, gateway_rc: int, workdir: Path,
-            env: dict[str, str]) -> int:
+            env: dict[str, str], *, interrupted: bool = False) -> int:
     seqs = tb.telemetry_values("seq")
     counts = Counter(seqs)
     missing = sorted(set(range(count)) - set(counts))
@@ -130,9 +241,19 @@ def _report(tb: FakeThingsBoard, count: int, gateway_rc: int, workdir: Path,
     _say("\n".join("  " + line for line in status.stdout.splitlines()))
     ok = not missing and gateway_rc == 0
     _say("")
-    _say("OK: every record reached ThingsBoard" if ok else
-         f"PROBLEM: {len(missing)} records missing (first: {missing[:10]}), "
-         f"gateway exit code {gateway_rc}")
+    if interrupted:
+        _say(f"interrupted: the sample controller wrote {count} records, "
+             f"{count - len(missing)} reached ThingsBoard"
+             + (f"; the other {len(missing)} wait in the gateway's outbox "
+                f"({workdir / 'data'}) and would be sent at its next start" if missing
+                else ""))
+        return EXIT_INTERRUPTED
+    _say(f"OK: every record the sample controller wrote ({count}) reached ThingsBoard"
+         if ok else
+         f"PROBLEM: {len(missing)} of {count} written records missing (first: "
+         f"{missing[:10]}), gateway exit code {gateway_rc}. Logs: {workdir}/gateway/"
+         "gateway.log and controller.log. On a device, `teg-gateway check` tests the "
+         "settings, DNS, TLS and the credentials and says how to fix what fails.")
     return 0 if ok else 1
 
 

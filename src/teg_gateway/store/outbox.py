@@ -20,6 +20,12 @@ ATTRIBUTES = 1
 TOPIC_TELEMETRY = "v1/devices/me/telemetry"
 TOPIC_ATTRIBUTES = "v1/devices/me/attributes"
 TOPICS = {TELEMETRY: TOPIC_TELEMETRY, ATTRIBUTES: TOPIC_ATTRIBUTES}
+KIND_NAMES = {TELEMETRY: "outbox telemetry", ATTRIBUTES: "outbox attributes"}
+
+# Data points of a stored telemetry record, as ThingsBoard counts them (one per key of
+# ``values``); -1 for a body that is not JSON (it can never be sent).
+POINTS_SQL = ("CASE WHEN kind <> 0 THEN 0 WHEN json_valid(body) THEN "
+              "(SELECT count(*) FROM json_each(body, '$.values')) ELSE -1 END")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -49,6 +55,10 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# One row read ahead: (id, kind, body, data points).
+Row = tuple[int, int, bytes, int]
+
+
 @dataclass(frozen=True)
 class Batch:
     """One publish: the outbox rows ``first_id..last_id`` (all of one kind)."""
@@ -58,6 +68,8 @@ class Batch:
     kind: int
     count: int
     payload: bytes
+    points: int = 0
+    rows: tuple[Row, ...] = ()
 
     @property
     def topic(self) -> str:
@@ -65,25 +77,48 @@ class Batch:
 
 
 class Outbox:
-    """Durable FIFO of messages for ThingsBoard (table ``outbox`` of the main schema)."""
+    """Durable FIFO of messages for ThingsBoard (table ``outbox`` of the main schema).
 
-    def __init__(self, conn: sqlite3.Connection, max_payload_bytes: int) -> None:
+    ``max_record_bytes`` bounds what is accepted: a message that could never be sent in
+    one publish goes to the dead letters with the reason instead, so it cannot block the
+    messages behind it.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, max_record_bytes: int) -> None:
         self.conn = conn
-        self.max_payload_bytes = max_payload_bytes
+        self.max_record_bytes = max_record_bytes
+        # Count each telemetry record's data points when reading ahead (only needed while
+        # the server limits data points; it costs a little SQL per record).
+        self.count_points = False
         self._read_upto = 0
-        self._ahead: deque[tuple[int, int, bytes]] = deque()
+        self._ahead: deque[Row] = deque()
+        # Ranges ThingsBoard acknowledged whose delete failed (a full disk, say): never
+        # sent again, deleted again later.
+        self._unsettled: list[tuple[int, int]] = []
 
     # -- intake ---------------------------------------------------------------------------
 
     def put(self, kind: int, bodies: Sequence[str]) -> None:
-        """Append messages in one durable transaction."""
+        """Append messages in one durable transaction; one too large for a publish becomes
+        a dead letter."""
         if not bodies:
             return
         created = now_ms()
+        limit = self.max_record_bytes
+        rows, refused = [], []
+        for body in bodies:
+            size = len(body) if len(body) * 4 <= limit else len(body.encode())
+            if size > limit:
+                refused.append((KIND_NAMES.get(kind, str(kind)), body,
+                                f"message is {size} bytes, larger than the {limit} bytes "
+                                "one publish may carry"))
+            else:
+                rows.append((kind, body, created))
         with transaction(self.conn):
             self.conn.executemany(
-                "INSERT INTO outbox (kind, body, created_ms) VALUES (?, ?, ?)",
-                [(kind, body, created) for body in bodies])
+                "INSERT INTO outbox (kind, body, created_ms) VALUES (?, ?, ?)", rows)
+            if refused:
+                add_dead_letters(self.conn, refused)
 
     def put_telemetry(self, values: dict[str, object], ts_ms: int | None = None) -> None:
         self.put(TELEMETRY, [telemetry_body(values, ts_ms)])
@@ -93,46 +128,73 @@ class Outbox:
 
     # -- forwarding -----------------------------------------------------------------------
 
-    def next_batch(self) -> Batch | None:
+    def next_batch(self, max_bytes: int | None = None,
+                   max_points: int | None = None) -> Batch | None:
         """The next publish after those already handed out, or None when all are out.
 
-        Telemetry rows are packed into one JSON array up to ``max_payload_bytes``; any
-        other kind goes one row per publish. A single record larger than the limit is
-        still sent alone (ThingsBoard will judge it) rather than blocking the outbox.
+        Telemetry rows are packed into one JSON array of at most ``max_bytes`` bytes
+        (default ``max_record_bytes`` + 2) and ``max_points`` data points; any other kind
+        goes one row per publish. A row that could never be sent within these limits goes
+        to the dead letters, with the reason, and the next row is taken.
         """
-        if not self._ahead:
-            self._read_ahead()
-            if not self._ahead:
-                return None
-        first_id, kind, body = self._ahead.popleft()
-        if kind != TELEMETRY:
-            return Batch(first_id, first_id, kind, 1, body)
-        parts = [body]
-        size = len(body) + 2
-        last_id = first_id
-        limit = self.max_payload_bytes
+        limit = self.max_record_bytes + 2 if max_bytes is None else max_bytes
         while True:
-            if not self._ahead:
-                self._read_ahead()
-                if not self._ahead:
-                    break
-            next_id, next_kind, next_body = self._ahead[0]
-            if next_kind != TELEMETRY or size + len(next_body) + 1 > limit:
+            row = self._next_row()
+            if row is None:
+                return None
+            reason = _never_fits(row, limit, max_points)
+            if reason is None:
+                break
+            self.dead_letter_rows([row[0]], reason)
+        first_id, kind, body, points = row
+        if kind != TELEMETRY:
+            return Batch(first_id, first_id, kind, 1, body, 0, (row,))
+        rows = [row]
+        size = len(body) + 2
+        total = points
+        while True:
+            following = self._peek_row()
+            if following is None:
+                break
+            _, next_kind, next_body, next_points = following
+            if next_kind != TELEMETRY or size + len(next_body) + 1 > limit or (
+                    max_points is not None and total + next_points > max_points):
                 break
             self._ahead.popleft()
-            parts.append(next_body)
+            rows.append(following)
             size += len(next_body) + 1
-            last_id = next_id
-        return Batch(first_id, last_id, TELEMETRY, len(parts),
-                     b"[" + b",".join(parts) + b"]")
+            total += next_points
+        return Batch(first_id, rows[-1][0], TELEMETRY, len(rows),
+                     b"[" + b",".join(r[2] for r in rows) + b"]", total, tuple(rows))
+
+    def put_back(self, batch: Batch) -> None:
+        """Hand ``batch`` out again with the next call (it was not sent)."""
+        self._ahead.extendleft(reversed(batch.rows))
+
+    def _next_row(self) -> Row | None:
+        row = self._peek_row()
+        if row is not None:
+            self._ahead.popleft()
+        return row
+
+    def _peek_row(self) -> Row | None:
+        if not self._ahead:
+            self._read_ahead()
+        return self._ahead[0] if self._ahead else None
 
     def _read_ahead(self) -> None:
+        points = POINTS_SQL if self.count_points else "0"
         rows = self.conn.execute(
-            "SELECT id, kind, CAST(body AS BLOB) FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
-            (self._read_upto, READ_AHEAD)).fetchall()
+            f"SELECT id, kind, CAST(body AS BLOB), {points} FROM outbox "
+            "WHERE id > ? ORDER BY id LIMIT ?", (self._read_upto, READ_AHEAD)).fetchall()
         if rows:
-            self._ahead.extend(rows)
             self._read_upto = rows[-1][0]
+            if self._unsettled:
+                rows = [r for r in rows if not self._is_unsettled(r[0])]
+            self._ahead.extend(rows)
+
+    def _is_unsettled(self, row_id: int) -> bool:
+        return any(first <= row_id <= last for first, last in self._unsettled)
 
     def unsent(self) -> int:
         """Rows not yet handed to the forwarder (an estimate from ids; cheap)."""
@@ -146,10 +208,33 @@ class Outbox:
         self._ahead.clear()
 
     def ack(self, batches: Iterable[Batch]) -> int:
-        """Delete acknowledged batches; returns the number of records removed."""
+        """Delete acknowledged batches; returns the number of records removed.
+
+        When the delete fails (a full disk), the ranges are remembered: they are not
+        handed out again, and their delete is tried again with the next acknowledgement
+        (or ``settle``). The error is raised after that bookkeeping.
+        """
         ranges = [(b.first_id, b.last_id) for b in batches]
-        if not ranges:
+        if not ranges and not self._unsettled:
             return 0
+        ranges = self._unsettled + ranges
+        self._unsettled = []
+        try:
+            return self._delete(ranges)
+        except sqlite3.Error:
+            self._unsettled = ranges
+            raise
+
+    def settle(self) -> int:
+        """Try again to delete acknowledged ranges whose delete failed."""
+        return self.ack(())
+
+    @property
+    def unsettled(self) -> int:
+        """Acknowledged ranges still waiting for their delete."""
+        return len(self._unsettled)
+
+    def _delete(self, ranges: list[tuple[int, int]]) -> int:
         # Losing an acknowledgement in a power cut only means a duplicate later, so this
         # commit need not wait for the disk.
         self.conn.execute("PRAGMA main.synchronous = NORMAL")
@@ -162,6 +247,16 @@ class Outbox:
         finally:
             self.conn.execute("PRAGMA main.synchronous = FULL")
         return removed
+
+    def dead_letter_rows(self, ids: Sequence[int], reason: str) -> None:
+        """Move outbox rows that can never be sent to the dead letters, with the reason."""
+        with transaction(self.conn):
+            rows = self.conn.execute(
+                f"SELECT kind, body FROM outbox WHERE id IN ({','.join('?' * len(ids))})",
+                list(ids)).fetchall()
+            add_dead_letters(self.conn, [(KIND_NAMES.get(kind, str(kind)), body, reason)
+                                         for kind, body in rows])
+            self.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
 
     # -- figures --------------------------------------------------------------------------
 
@@ -207,6 +302,31 @@ class Outbox:
 
     def counter(self, name: str) -> int:
         return get_counter(self.conn, name)
+
+
+def _never_fits(row: Row, max_bytes: int, max_points: int | None) -> str | None:
+    """Why ``row`` can never be sent within these limits (None: it can)."""
+    _, kind, body, points = row
+    size = len(body) + (2 if kind == TELEMETRY else 0)
+    if size > max_bytes:
+        return (f"message is {len(body)} bytes; a publish may carry at most {max_bytes} "
+                "bytes (the server's maxPayloadSize)")
+    if points < 0:
+        return "message is not valid JSON"
+    if kind == TELEMETRY and max_points is not None and points > max_points:
+        return (f"record has {points} data points; the server's telemetryDataPoints limit "
+                f"allows at most {max_points} in one publish")
+    return None
+
+
+def add_dead_letters(conn: sqlite3.Connection, letters: Sequence[tuple[str, str, str]]) -> None:
+    """Record (type, message, reason) dead letters from the gateway's own paths (the caller
+    holds the transaction)."""
+    conn.executemany(
+        "INSERT INTO main.dead_letter (queue_id, type, message, reason, at_ms) "
+        "VALUES (NULL, ?, ?, ?, ?)",
+        [(kind, body, reason, now_ms()) for kind, body, reason in letters])
+    add_counter(conn, "dead_letters", len(letters))
 
 
 def telemetry_body(values: dict[str, object], ts_ms: int | None = None) -> str:

@@ -56,7 +56,8 @@ class Stores:
         conn.execute("ATTACH DATABASE ? AS archive", (str(self.archive_path),))
         conn.execute("PRAGMA archive.synchronous = FULL")
         self._conn = conn
-        self.outbox = Outbox(conn, self.max_payload_bytes)
+        # A record is accepted if it fits a publish alone: "[" + record + "]".
+        self.outbox = Outbox(conn, self.max_payload_bytes - 2)
         self.archive = Archive(conn)
         if salvaged:
             # Each record keeps its id: an acknowledgement of a publish made before the
