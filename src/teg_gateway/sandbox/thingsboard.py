@@ -1136,6 +1136,9 @@ class FakeThingsBoard:
             records, data_points = _count_telemetry(json.loads(payload))
         except ValueError as error:
             raise self._bad_payload(TELEMETRY_TOPIC, payload, str(error)) from None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("FakeThingsBoard: telemetry, %d records, %d data points, %d bytes",
+                      records, data_points, len(payload))
         buckets.check_telemetry(data_points)
         wall = time.time()
         with self._lock:
