@@ -1,11 +1,10 @@
-"""``teg-gateway check``: every step against real parts (the test PKI, a real mosquitto with
-TLS, a mosquitto that refuses unknown users, a full tmpfs), one line per step, a fix on
-every failure, nothing written."""
+"""``teg-gateway check``: every step against real parts (the test PKI, the ThingsBoard
+stand-in server with TLS, which refuses unknown tokens, a real mosquitto as the local
+broker, a full tmpfs), one line per step, a fix on every failure, nothing written."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 from conftest import needs_mosquitto, render_toml
 from teg_gateway.sandbox.broker import Mosquitto, free_tcp_ports
 from teg_gateway.sandbox.certs import Pki, make_pki
+from teg_gateway.sandbox.thingsboard import FakeThingsBoard
 from test_config import run_cli
 
 pytestmark = needs_mosquitto
@@ -44,12 +44,13 @@ def check(workdir: Path, env: dict[str, str],
 
 
 @pytest.fixture
-def env(broker: Mosquitto, pki: Pki, data_dir: Path) -> dict[str, str]:
+def env(thingsboard: FakeThingsBoard, pki: Pki, data_dir: Path) -> dict[str, str]:
+    thingsboard.accept_token(TOKEN)
     (data_dir / "tb_access_token").write_text(TOKEN + "\n")
     (data_dir / "tb_access_token").chmod(0o600)
     return {
-        "TB_HOST": broker.tls_hostname,
-        "TB_PORT": str(broker.tls_port),
+        "TB_HOST": thingsboard.tls_hostname,
+        "TB_PORT": str(thingsboard.tls_port),
         "THINGSBOARD_CA_CERT": str(pki.ca_cert),
         "TEG_DATA_PATH": str(data_dir),
     }
@@ -121,35 +122,11 @@ def test_a_wrong_ca_fails_at_tls(tmp_path: Path, env: dict[str, str]) -> None:
     assert "credentials" not in steps
 
 
-class PasswordMosquitto(Mosquitto):
-    """A mosquitto that accepts only the users of a password file."""
-
-    def __init__(self, workdir: Path, pki: Pki, users: dict[str, str]) -> None:
-        super().__init__(workdir, pki)
-        self.password_file = workdir / "passwords"
-        self.password_file.write_text("")
-        for user, password in users.items():
-            subprocess.run(["mosquitto_passwd", "-b", str(self.password_file), user, password],
-                           check=True, capture_output=True)
-        self.password_file.chmod(0o600)
-
-    def _config_text(self) -> str:
-        return super()._config_text().replace(
-            "allow_anonymous true",
-            f"allow_anonymous false\npassword_file {self.password_file}")
-
-
-def test_a_revoked_token_is_refused_at_connack(tmp_path: Path, pki: Pki,
+def test_a_revoked_token_is_refused_at_connack(tmp_path: Path, env: dict[str, str],
                                                data_dir: Path) -> None:
-    if not any(Path(d, "mosquitto_passwd").exists() for d in os.environ["PATH"].split(":")):
-        pytest.skip("mosquitto_passwd is not installed (it comes with mosquitto)")
     (data_dir / "tb_access_token").write_text("revoked-token\n")
     (data_dir / "tb_access_token").chmod(0o600)
-    with PasswordMosquitto(tmp_path / "strict", pki, {"someone-else": "pw"}) as strict:
-        code, steps = check(tmp_path / "work", {
-            "TB_HOST": strict.tls_hostname, "TB_PORT": str(strict.tls_port),
-            "THINGSBOARD_CA_CERT": str(pki.ca_cert), "TEG_DATA_PATH": str(data_dir)},
-            {"local_mqtt": {"enabled": False}})
+    code, steps = check(tmp_path / "work", env, {"local_mqtt": {"enabled": False}})
     assert code == 1
     assert steps["TLS"][0]
     ok, detail, fix = steps["credentials"]
