@@ -183,16 +183,18 @@ class _DeviceBuckets:
         self.data_points = make(limits.telemetry_data_points)
 
     def check_message(self) -> None:
-        if self.messages is not None and not self.messages.try_consume(1):
-            raise _Violation(CLOSE_RATE_MESSAGES, self.messages.spec)
+        _take(self.messages, 1, CLOSE_RATE_MESSAGES, "message")
 
     def check_telemetry(self, data_points: int) -> None:
         self.check_message()
-        if self.telemetry_messages is not None and not self.telemetry_messages.try_consume(1):
-            raise _Violation(CLOSE_RATE_TELEMETRY_MESSAGES, self.telemetry_messages.spec)
-        if self.data_points is not None and not self.data_points.try_consume(data_points):
-            raise _Violation(CLOSE_RATE_DATA_POINTS,
-                             f"{data_points} data points, limit {self.data_points.spec}")
+        _take(self.telemetry_messages, 1, CLOSE_RATE_TELEMETRY_MESSAGES, "telemetry message")
+        _take(self.data_points, data_points, CLOSE_RATE_DATA_POINTS, "data points")
+
+
+def _take(limit: RateLimit | None, tokens: int, reason: str, what: str) -> None:
+    if limit is not None and not limit.try_consume(tokens):
+        raise _Violation(reason, f"{tokens} {what}, {limit.available():.1f} available, "
+                                 f"limit {limit.spec}")
 
 
 class _Session(asyncio.Protocol):
