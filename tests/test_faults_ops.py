@@ -1,0 +1,111 @@
+"""Hostile conditions in the operations, against a real gateway process: damaged OTA
+packages, a full disk while unpacking, an https download redirected to http, damaged
+state files. Each ends in a clear, reported failure and the device stays manageable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import GatewayFactory, needs_mosquitto
+from teg_gateway.sandbox.thingsboard import FakeThingsBoard
+from test_ota import (
+    controller_files,
+    running_version,
+    start_gateway,
+    states,
+    tar_gz,
+)
+
+
+def _failed(tb: FakeThingsBoard) -> bool:
+    return "FAILED" in states(tb)
+
+
+@needs_mosquitto
+def test_a_truncated_package_fails_once_and_the_running_version_stays(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, data_dir: Path) -> None:
+    gateway = start_gateway(make_gateway, thingsboard, data_dir)
+    package = tar_gz(controller_files("healthy", os.urandom(30_000)))
+    thingsboard.assign_package("sw", "ctl", "2.0", package[: len(package) // 2])
+    thingsboard.wait_for(lambda: _failed(thingsboard), timeout=30,
+                         message=f"no FAILED: {states(thingsboard)}")
+    assert states(thingsboard) == ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "FAILED"]
+    error = thingsboard.telemetry_values("sw_error")[-1]
+    assert "not a readable archive" in error, error
+    assert running_version(data_dir) == "1.0"
+    # Resolved for good: no step retried in the background.
+    thingsboard.rpc("ping")
+    assert "OTA step failed unexpectedly" not in gateway.log_text()
+    assert json.loads((data_dir / "state" / "ota.json").read_text())["phase"] == "failed"
+    assert not (data_dir / "controller" / "versions" / "2.0").exists()
+    assert gateway.stop() == 0
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[None]:
+    """Mount a tmpfs of ``size`` on ``path`` (root only), or skip saying why."""
+    if os.geteuid() != 0:
+        pytest.skip("a full disk is simulated with a small tmpfs, which needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@needs_mosquitto
+def test_a_full_disk_while_unpacking_fails_the_update_and_frees_the_space(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, data_dir: Path) -> None:
+    with small_tmpfs(data_dir, "6m"):
+        gateway = start_gateway(make_gateway, thingsboard, data_dir)
+        # Compresses to a few kilobytes, unpacks to 12 MB: more than the disk holds.
+        package = tar_gz({**controller_files("healthy"), "zeros.bin": bytes(12 * 1024 * 1024)})
+        thingsboard.assign_package("sw", "ctl", "2.0", package)
+        thingsboard.wait_for(lambda: _failed(thingsboard), timeout=30,
+                             message=f"no FAILED: {states(thingsboard)}")
+        error = thingsboard.telemetry_values("sw_error")[-1]
+        assert "no space left on the device while unpacking" in error, error
+        assert running_version(data_dir) == "1.0"
+        versions = data_dir / "controller" / "versions"
+        assert sorted(p.name for p in versions.iterdir()) == ["1.0"]  # the half-unpacked tree
+        free = os.statvfs(data_dir)
+        assert free.f_bavail * free.f_frsize > 4 * 1024 * 1024  # ... is gone again
+        thingsboard.rpc("ping")
+        assert "OTA step failed unexpectedly" not in gateway.log_text()
+        # Still manageable: a good version after the failed one is installed.
+        thingsboard.clear()
+        thingsboard.assign_package("sw", "ctl", "3.0", tar_gz(controller_files("healthy")))
+        thingsboard.wait_for(lambda: "UPDATED" in states(thingsboard) or _failed(thingsboard),
+                             timeout=30, message=f"no result: {states(thingsboard)}")
+        assert states(thingsboard)[-1] == "UPDATED", thingsboard.telemetry_values("sw_error")
+        assert gateway.stop() == 0
+
+
+@needs_mosquitto
+def test_a_damaged_ota_state_file_is_quarantined_and_reported(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, data_dir: Path) -> None:
+    state = data_dir / "state"
+    state.mkdir()
+    (state / "ota.json").write_text('{"phase": "downloading", "job": {"version": "2.')
+    gateway = start_gateway(make_gateway, thingsboard, data_dir)
+    thingsboard.wait_for(lambda: _failed(thingsboard), timeout=20,
+                         message=f"no FAILED: {states(thingsboard)}")
+    error = thingsboard.telemetry_values("sw_error")[-1]
+    assert "OTA state was damaged" in error and "ota.json" in error, error
+    quarantined = list(state.glob("ota.json.corrupt-*"))
+    assert len(quarantined) == 1
+    assert quarantined[0].read_text().startswith('{"phase": "downloading"')
+    assert "ERROR" in gateway.log_text() and "moved aside" in gateway.log_text()
+    assert gateway.stop() == 0
+
