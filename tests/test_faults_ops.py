@@ -6,6 +6,7 @@ state files. Each ends in a clear, reported failure and the device stays managea
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from conftest import GatewayFactory, needs_mosquitto
+from teg_gateway.sandbox.certs import Pki
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
 from test_ota import (
+    PackageServer,
     controller_files,
     running_version,
     start_gateway,
@@ -109,3 +112,42 @@ def test_a_damaged_ota_state_file_is_quarantined_and_reported(
     assert "ERROR" in gateway.log_text() and "moved aside" in gateway.log_text()
     assert gateway.stop() == 0
 
+
+
+@needs_mosquitto
+def test_an_https_package_url_redirected_to_http_is_refused(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, data_dir: Path,
+        pki: Pki) -> None:
+    secure, plain = PackageServer(pki), PackageServer(pki, tls=False)
+    try:
+        package = tar_gz(controller_files("healthy"))
+        plain.files["ctl.tar.gz"] = package
+        secure.redirects["ctl.tar.gz"] = plain.url("ctl.tar.gz", "http")
+        secure.files["good.tar.gz"] = package
+        # A loop of redirects on https only: bounded.
+        secure.redirects["loop.tar.gz"] = secure.url("loop.tar.gz")
+        gateway = start_gateway(make_gateway, thingsboard, data_dir,
+                                url_ca_cert=str(pki.ca_cert))
+        for version, name, error in (("2.0", "ctl.tar.gz", "is not an https URL"),
+                                     ("3.0", "loop.tar.gz", "redirected more than 5 times")):
+            thingsboard.clear()
+            thingsboard.set_shared({"sw_title": "ctl", "sw_version": version,
+                                    "sw_url": secure.url(name)})
+            thingsboard.wait_for(lambda: _failed(thingsboard), timeout=30,
+                                 message=f"{version}: no FAILED: {states(thingsboard)}")
+            assert error in thingsboard.telemetry_values("sw_error")[-1]
+            assert running_version(data_dir) == "1.0"
+        assert plain.requests == []  # the http hop was never taken
+        # A redirect to another https URL verified by the same CA is followed.
+        secure.redirects["moved.tar.gz"] = secure.url("good.tar.gz")
+        thingsboard.clear()
+        thingsboard.set_shared({"sw_title": "ctl", "sw_version": "4.0",
+                                "sw_url": secure.url("moved.tar.gz"),
+                                "sw_checksum": hashlib.sha256(package).hexdigest()})
+        thingsboard.wait_for(lambda: "UPDATED" in states(thingsboard) or _failed(thingsboard),
+                             timeout=30, message=f"no result: {states(thingsboard)}")
+        assert states(thingsboard)[-1] == "UPDATED", thingsboard.telemetry_values("sw_error")
+        assert gateway.stop() == 0
+    finally:
+        secure.close()
+        plain.close()

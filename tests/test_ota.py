@@ -302,8 +302,9 @@ class PackageServer:
     ``files`` at ``/pkg/<name>`` with range requests, and records each request's path
     and Range header. ``cut_after`` makes the next answer stop after that many bytes."""
 
-    def __init__(self, pki: Pki) -> None:
+    def __init__(self, pki: Pki, tls: bool = True) -> None:
         self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.cut_after: int | None = None
         server = self
@@ -311,6 +312,13 @@ class PackageServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server.requests.append((self.path, self.headers.get("Range")))
+                location = server.redirects.get(self.path.removeprefix("/pkg/"))
+                if location is not None:
+                    self.send_response(302)
+                    self.send_header("Location", location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = server.files.get(self.path.removeprefix("/pkg/"))
                 if data is None:
                     self.send_error(404, "no such package")
@@ -336,9 +344,10 @@ class PackageServer:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(pki.server_cert, pki.server_key)
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(pki.server_cert, pki.server_key)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 

@@ -658,7 +658,8 @@ class OtaManager:
             download = UrlDownload(
                 job["url"], part, size=size if isinstance(size, int) and size >= 0 else None,
                 max_bytes=ota.max_package_bytes, context=tls_context(ota.url_ca_cert),
-                timeout_s=ota.chunk_timeout_s, superseded=lambda: self._superseded(job))
+                timeout_s=ota.chunk_timeout_s, superseded=lambda: self._superseded(job),
+                allow_http=ota.allow_http)
             if part.exists() and part.stat().st_size:
                 self.state.update(job={**job, "restarted": True})
                 job["restarted"] = True
