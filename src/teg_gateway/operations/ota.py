@@ -96,6 +96,7 @@ FSYNC_EVERY_BYTES = 1024 * 1024
 HASH_BLOCK = 1024 * 1024
 #: Unpacked content may be at most this many times the package limit (zip bombs).
 UNPACK_FACTOR = 8
+MAX_URL_CHARS = 4096
 _CHUNK_TOPIC = re.compile(r"^v2/sw/response/([^/]+)/chunk/(\d+)$")
 
 Publish = Callable[[str, bytes | str], "asyncio.Future[None]"]
@@ -125,7 +126,7 @@ def _new_hasher(algorithm: str) -> Any:
     if name == "MURMUR3_128":
         import mmh3  # noqa: PLC0415
         return mmh3.mmh3_x64_128()
-    raise OtaError(f"checksum algorithm {algorithm!r} is not supported (use one of "
+    raise OtaError(f"checksum algorithm {clip(repr(algorithm))} is not supported (use one of "
                    f"{', '.join(ALGORITHMS)})")
 
 
@@ -368,22 +369,26 @@ class OtaManager:
             self.state.update(desired=None)
             return
         try:
-            version = check_version(str(version))
+            version = check_version(clip(version, 200))
         except ValueError as exc:
-            self._report(FAILED, sw_error=str(exc))
+            self._report(FAILED, sw_error=clip(exc, 1000))
+            return
+        url = changes.get("sw_url")
+        if url and len(str(url)) > MAX_URL_CHARS:
+            self._report(FAILED, sw_error=f"sw_url is longer than {MAX_URL_CHARS} characters")
             return
         saved = self.state.read()
-        title = str(changes.get("sw_title") or version)
+        title = clip(changes.get("sw_title") or version, 200)
         desired: dict[str, Any] = {"title": title, "version": version}
-        if changes.get("sw_url"):
-            desired.update(kind=URL, url=str(changes["sw_url"]),
-                           checksum=str(changes.get("sw_checksum") or ""),
-                           algorithm=str(changes.get("sw_checksum_algorithm") or "SHA256"),
+        if url:
+            desired.update(kind=URL, url=str(url),
+                           checksum=clip(changes.get("sw_checksum") or "", 200),
+                           algorithm=clip(changes.get("sw_checksum_algorithm") or "SHA256", 40),
                            size=changes.get("sw_size"))
             self.state.update(package_info=desired)
         elif changes.get("sw_checksum"):
-            desired.update(kind=PACKAGE, checksum=str(changes["sw_checksum"]),
-                           algorithm=str(changes.get("sw_checksum_algorithm") or "SHA256"),
+            desired.update(kind=PACKAGE, checksum=clip(changes["sw_checksum"], 200),
+                           algorithm=clip(changes.get("sw_checksum_algorithm") or "SHA256", 40),
                            size=changes.get("sw_size"))
             self.state.update(package_info=desired)
         else:
@@ -690,7 +695,7 @@ class OtaManager:
                         "the start", job["version"])
             raise _Refetch
         raise OtaError(f"checksum mismatch: {algorithm} of the downloaded package is "
-                       f"{actual}, ThingsBoard announced {expected}")
+                       f"{actual}, ThingsBoard announced {clip(expected)}")
 
     async def _unpack(self, job: dict[str, Any], part: Path) -> None:
         dest = version_dir(self.settings, job["version"])

@@ -272,7 +272,7 @@ class RestartOperation:
         state["pending"] = pending
         self._save(state)
         self.report({"restart_status": "executing", "restart_reason": "",
-                     "restart_id": command_id})
+                     "restart_id": clip(command_id)})
         if pending["via_bus"] and not await self._publish(topic, command):
             await self._decide(pending, "failed", "The executing state could not be published "
                                                   "on the local broker")
