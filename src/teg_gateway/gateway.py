@@ -84,6 +84,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started_ms = now_ms()
+        self._started_monotonic = time.monotonic()  # uptime survives wall-clock jumps
         self.stores = Stores(settings.data_dir, settings.outbox.max_payload_bytes)
         self.intake = QueueIntake(settings.controller_data_dir, settings.queue.batch_size,
                                   settings.outbox.max_payload_bytes)
@@ -387,12 +388,15 @@ class Gateway:
             except sqlite3.Error as exc:
                 self._on_db_error(exc, "health telemetry")
 
+    def _uptime_ms(self) -> int:
+        return int((time.monotonic() - self._started_monotonic) * 1000)
+
     def health_values(self) -> dict[str, Any]:
         """The gateway's health telemetry (see the README for each key)."""
         outbox = self.stores.outbox
         now = now_ms()
         values: dict[str, Any] = {
-            "gateway_uptime_ms": now - self.started_ms,
+            "gateway_uptime_ms": self._uptime_ms(),
             "outbox_depth": outbox.depth(),
             "outbox_oldest_age_ms": outbox.oldest_age_ms() or 0,
             "outbox_bytes": outbox.used_bytes(),
@@ -405,9 +409,6 @@ class Gateway:
             "loop_lag_ms": round(self.lag.take(), 1),
             "logs_suppressed": self.cloud_logs.suppressed,
         }
-        started = self.controller_started_ms()
-        if started is not None:
-            values["ms_since_controller_startup"] = now - started
         try:
             last_check = self.intake.last_health_check_ms(self.stores.conn)
         except sqlite3.Error:
@@ -415,7 +416,7 @@ class Gateway:
         if last_check:
             values["ms_since_last_controller_health_check"] = now - last_check
         if self.supervisor is not None:
-            values.update(self.supervisor.health_values(now))
+            values.update(self.supervisor.health_values())
         return values
 
     async def _maintenance_loop(self) -> None:
@@ -571,7 +572,7 @@ class Gateway:
         outbox = self.stores.outbox
         session = self.session
         return {
-            "uptime_s": round((now_ms() - self.started_ms) / 1000, 1),
+            "uptime_s": round(self._uptime_ms() / 1000, 1),
             "thingsboard": "connected" if session and session.connected.is_set()
             else (session.last_error if session else "not provisioned yet") or "connecting",
             "reconnects": session.reconnects if session else 0,
