@@ -181,8 +181,8 @@ class RestartOperation:
             return  # the requester cleared the command
         try:
             command = json.loads(payload)
-        except ValueError:
-            log.warning("restart command %s is not JSON; ignored", command_id)
+        except (ValueError, RecursionError):
+            log.warning("restart command %s is not JSON; ignored", clip(command_id))
             return
         if not isinstance(command, dict) or command.get("status") != "init":
             return
