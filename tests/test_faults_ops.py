@@ -151,3 +151,52 @@ def test_an_https_package_url_redirected_to_http_is_refused(
     finally:
         secure.close()
         plain.close()
+
+
+@needs_mosquitto
+def test_remote_files_conflicts_ota_areas_and_hard_links_are_refused(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, data_dir: Path,
+        tmp_path: Path) -> None:
+    installed = data_dir / "controller" / "versions" / "1.0" / "app.py"
+    installed.parent.mkdir(parents=True)
+    installed.write_text("verified code\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    os.link(secret, data_dir / "leak.txt")
+    thingsboard.set_shared({
+        "FILES": {
+            "one": {"path": "$DATA_PATH/app.conf", "restart_controller_on_change": True},
+            "two": {"path": "$DATA_PATH/./sub/../app.conf"},
+            "code": {"path": "$DATA_PATH/controller/versions/1.0/app.py"},
+            "part": {"path": "$DATA_PATH/ota/2.0.part"},
+            "leak": {"path": "$DATA_PATH/leak.txt"},
+            "good": {"path": "$DATA_PATH/good.txt"}},
+        "FILE_CONTENT_one": "1", "FILE_CONTENT_two": "2", "FILE_CONTENT_code": "evil",
+        "FILE_CONTENT_part": "evil", "FILE_CONTENT_good": "fine"})
+    gateway = make_gateway({"files": {"poll_interval_s": 0.3}})
+    gateway.start()
+    thingsboard.wait_for(lambda: "good" in thingsboard.client_attributes.get(
+        "FILE_HASHES", {}), timeout=20, message="the good file is written")
+
+    def errors() -> dict[str, str]:
+        found = [str(v) for v in thingsboard.telemetry_values("files_error")]
+        return {e.split(":", 1)[0]: e for e in found}
+
+    thingsboard.wait_for(lambda: len(errors()) >= 5, timeout=15,
+                         message=f"five refusals, got {errors()}")
+    by_key = errors()
+    assert "also managed by two" in by_key["one"] and "also managed by one" in by_key["two"]
+    assert "a file of the gateway itself" in by_key["code"]
+    assert "a file of the gateway itself" in by_key["part"]
+    assert "more than one hard link" in by_key["leak"]
+    assert not (data_dir / "app.conf").exists()
+    assert installed.read_text() == "verified code\n"
+    assert not (data_dir / "ota" / "2.0.part").exists()
+    assert thingsboard.client_attributes["FILE_READ_leak"] == "E_LINKED"
+    assert "top secret" not in json.dumps(thingsboard.client_attributes)
+    # A full pass again (init_files): still refused, nothing written, no restart.
+    reply = thingsboard.rpc("init_files")["message"]
+    assert '"controller_restarted": false' in reply and '"written": []' in reply, reply
+    assert not (data_dir / "app.conf").exists()
+    assert installed.read_text() == "verified code\n"
+    assert gateway.stop() == 0

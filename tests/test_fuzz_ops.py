@@ -333,3 +333,18 @@ def test_any_package_bytes_unpack_or_are_refused_with_a_reason(tmp_path: Path) -
         assert sorted(p.name for p in work.iterdir()) in (["package"], ["out", "package"])
 
     check()
+
+
+def test_a_large_reply_is_cut_and_says_so() -> None:
+    from teg_gateway.bounds import clip
+    from teg_gateway.operations.rpc import REPLY_LIMIT, bound_reply
+
+    small = {"message": {"a": 1}}
+    assert bound_reply(small) is small
+    big = bound_reply({"message": {"stdout": "\u00e9\"" * 100_000}, "error": True})
+    assert big["truncated"] is True and big["error"] is True
+    assert big["size_bytes"] > REPLY_LIMIT
+    assert len(json.dumps(big).encode()) <= REPLY_LIMIT
+    assert big["message"].startswith('{"stdout": "\u00e9\\"')
+    assert clip("x" * 1000, 50).endswith("(950 more characters)")
+    assert len(clip("x" * 1000, 50)) == 50

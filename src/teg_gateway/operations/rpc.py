@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from teg_gateway.bounds import ERROR_LIMIT, REPLY_LIMIT, bounded_json, clip, show
+from teg_gateway.bounds import ERROR_LIMIT, REPLY_LIMIT, clip, show
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +128,19 @@ def bound_reply(reply: dict[str, Any], limit: int = REPLY_LIMIT) -> dict[str, An
         return {"message": f"the reply cannot be encoded: {clip(exc)}", "error": True}
     if size <= limit:
         return reply
-    message = bounded_json(reply.get("message"), limit - 512)
-    cut = {"message": message, "truncated": True, "size_bytes": size,
-           "note": f"the reply was {size} bytes; only the start of it is shown"}
-    if reply.get("error"):
-        cut["error"] = True
-    return cut
+    message = reply.get("message")
+    text = message if isinstance(message, str) else json.dumps(message, default=str,
+                                                                 ensure_ascii=False)
+    keep = limit - 1024
+    while True:  # escaping can make the kept start longer: shrink until it fits
+        cut: dict[str, Any] = {
+            "message": text[:keep], "truncated": True, "size_bytes": size,
+            "note": f"the reply was {size} bytes; the message holds the start of it"}
+        if reply.get("error"):
+            cut["error"] = True
+        if len(json.dumps(cut).encode()) <= limit or keep == 0:
+            return cut
+        keep //= 2
 
 
 def parse_request(payload: bytes) -> tuple[str, dict[str, Any]]:
