@@ -336,8 +336,8 @@ def test_any_package_bytes_unpack_or_are_refused_with_a_reason(tmp_path: Path) -
 
 
 def test_a_large_reply_is_cut_and_says_so() -> None:
-    from teg_gateway.bounds import clip
-    from teg_gateway.operations.rpc import REPLY_LIMIT, bound_reply
+    from teg_gateway.bounds import REPLY_LIMIT, clip
+    from teg_gateway.operations.rpc import bound_reply
 
     small = {"message": {"a": 1}}
     assert bound_reply(small) is small
