@@ -206,7 +206,8 @@ class ControllerSettings:
 class FilesSettings:
     allowed_dirs: list[str] = list_setting(
         [], "directories managed files may be written in (default: the controller data "
-            "directory only)")
+            "directory only); the gateway's own files (databases, token, state/, ota/, "
+            "controller/versions/) are never managed, whatever this says")
     max_bytes: int = setting(1024 * 1024, "largest managed file", check="positive")
     poll_interval_s: float = setting(5.0, "how often managed files are checked for local "
                                           "changes", check="positive")
