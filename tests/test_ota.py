@@ -554,6 +554,7 @@ def _damaged_packages() -> dict[str, bytes]:
     broken_stream[start + 10:start + 30] = b"\xff" * 20  # a damaged deflate stream
     file_then_dir = zip_bytes({"lib": b"a file", "lib/x.py": b"b"})
     return {"truncated.tar.gz": good_tar[: len(good_tar) // 2],
+            "truncated-in-first-block.tar.gz": good_tar[:100],
             "bad-crc.zip": bytes(bad_crc), "false-size.zip": bytes(false_size),
             "broken-deflate.zip": bytes(broken_stream), "file-then-dir.zip": file_then_dir}
 

@@ -203,7 +203,7 @@ def _unpack_any(package: Path, dest: Path, max_bytes: int) -> None:
     else:
         try:
             is_tar = tarfile.is_tarfile(package)
-        except (OSError, EOFError, zlib.error):
+        except OSError:  # not gzip at all; a damaged gzip raises on, as unreadable
             is_tar = False
         if not is_tar:
             raise OtaError("the package is neither a .tar.gz nor a .zip archive")
