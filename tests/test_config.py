@@ -264,6 +264,11 @@ def test_invalid_environment_is_a_config_error_naming_it(tmp_path: Path, env: di
     ("thingsboard = 1\n", "thingsboard"),
     ("[thingsboard\nhost = \"x\"\n", "not valid TOML"),
     ("[ota]\nurl_ca_cert = \"/no/such/ca.pem\"\n", "ota.url_ca_cert: no such file"),
+    ("[ota]\nurl_ca_cert = \"/etc/hostname\"\n",
+     "ota.url_ca_cert: /etc/hostname is not a readable PEM CA certificate file"),
+    ("[rpc]\nrun_command_allow = [\"df 'unclosed\"]\n", "rpc.run_command_allow"),
+    ("[rpc]\nrun_command_allow = [[]]\n", "rpc.run_command_allow"),
+    ("[rpc]\nrun_command_allow = [[\"df\", 1]]\n", "rpc.run_command_allow"),
 ])
 def test_invalid_file_is_a_config_error_naming_it(tmp_path: Path, text: str,
                                                   named: str) -> None:
@@ -311,6 +316,8 @@ INVALID_RUNS: list[tuple[str, dict[str, str], str | None, tuple[str, ...], str]]
     ("unknown key", {}, "[thingsboard]\nhots = \"x\"\n", (), "thingsboard.hots"),
     ("malformed toml", {}, "[thingsboard\nhost = 1\n", (), "not valid TOML"),
     ("missing data path", {"TEG_DATA_PATH": ""}, None, (), "TEG_DATA_PATH"),
+    ("CA file not PEM", {"THINGSBOARD_CA_CERT": "/etc/hostname"}, None, (),
+     "THINGSBOARD_CA_CERT): /etc/hostname is not a readable PEM CA certificate file"),
     ("missing CA file", {"THINGSBOARD_CA_CERT": "/no/such/ca.pem"}, None, (),
      "THINGSBOARD_CA_CERT"),
     ("bad LOG_LEVEL", {"LOG_LEVEL": "LOUD"}, None, (), "LOG_LEVEL"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -572,3 +573,88 @@ def test_gateway_refuses_hostile_paths_and_bad_content(
     assert json.loads((data_dir / "bad.json").read_text()) == {"a": 1}
     assert list(outside.iterdir()) == []
     assert gateway.stop() == 0
+
+
+# -- hostile setups ------------------------------------------------------------------------
+
+
+def test_ota_and_state_areas_are_never_managed_even_when_allowed(data: Path) -> None:
+    settings = make_settings(data, allowed_dirs=[str(data), str(data / "controller")])
+    for raw in ("$DATA_PATH/controller/versions/2.0/app.py", "$DATA_PATH/ota/2.0.part",
+                "$DATA_PATH/state/ota.json", "$DATA_PATH/controller/versions"):
+        with pytest.raises(FileRefused, match="the gateway itself"):
+            resolve_path(raw, settings)
+    assert resolve_path("$DATA_PATH/controller/app.conf", settings) == \
+        data.resolve() / "controller/app.conf"
+
+
+def test_two_keys_for_one_file_are_refused_and_neither_is_written(data: Path) -> None:
+    rec = Recorder()
+    files = manager(make_settings(data), rec)
+    (data / "sub").mkdir()
+    (data / "alias").symlink_to(data / "sub")
+    files.on_shared(files_attr(
+        a={"path": "$DATA_PATH/sub/x.conf", "restart_controller_on_change": True},
+        b={"path": "$DATA_PATH/alias/../sub/./x.conf"},
+        c={"path": "$DATA_PATH/alias/x.conf"},
+        d={"path": "$DATA_PATH/other.conf"}))
+    files.on_shared({"FILE_CONTENT_a": "A", "FILE_CONTENT_b": "B", "FILE_CONTENT_c": "C",
+                     "FILE_CONTENT_d": "D"})
+    result = run(files.reconcile())
+    assert result.written == ["d"] and not result.restarted
+    assert not (data / "sub" / "x.conf").exists()
+    assert sorted(result.errors) == ["a", "b", "c"]
+    assert all("also managed by" in e for e in result.errors.values())
+    assert len(rec.errors()) == 3
+    # The poll does not bring them back at every interval, and nothing is restarted.
+    assert not run(files.changed_on_disk())
+    run(files.reconcile())
+    assert len(rec.errors()) == 3 and rec.restarts == []
+    # Once one path changes, both are written.
+    files.on_shared(files_attr(a={"path": "$DATA_PATH/sub/x.conf"},
+                               b={"path": "$DATA_PATH/sub/y.conf"}))
+    assert sorted(run(files.reconcile()).written) == ["a", "b"]
+    assert (data / "sub" / "x.conf").read_text() == "A"
+
+
+def test_a_hard_link_is_neither_read_nor_written(data: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("top secret")
+    os.link(secret, data / "leak.txt")
+    rec = Recorder()
+    files = manager(make_settings(data), rec)
+    files.on_shared(files_attr(leak={"path": "$DATA_PATH/leak.txt"}))
+    result = run(files.reconcile())
+    assert rec.attributes["FILE_READ_leak"] == "E_LINKED"
+    assert "top secret" not in json.dumps(rec.publishes)
+    assert "more than one hard link" in result.errors["leak"]
+    files.on_shared({"FILE_CONTENT_leak": "overwritten"})
+    result = run(files.reconcile())
+    assert "more than one hard link" in result.errors["leak"]
+    assert secret.read_text() == "top secret" and (data / "leak.txt").read_text() == "top secret"
+
+
+def test_a_damaged_hash_file_is_quarantined_and_reported(data: Path) -> None:
+    (data / "state").mkdir()
+    (data / "state" / "files.json").write_text('{"hashes": {"a": ')
+    rec = Recorder()
+    files = manager(make_settings(data), rec)
+
+    async def first_poll() -> None:
+        task = asyncio.ensure_future(files.run())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    run(first_poll())
+    assert "file-management state was damaged" in rec.errors()[0]
+    assert len(list((data / "state").glob("files.json.corrupt-*"))) == 1
+
+
+def test_oversized_files_entries_are_refused() -> None:
+    with pytest.raises(FileRefused, match="at most 200"):
+        parse_files({f"k{i}": {"path": "x"} for i in range(201)})
+    specs, errors = parse_files({"k" * 5000: {"path": "x"},
+                                 "v": {"path": "x", "write_version": "w" * 5000}})
+    assert specs == {} and len(json.dumps(errors)) < 1000

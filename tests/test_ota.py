@@ -302,8 +302,9 @@ class PackageServer:
     ``files`` at ``/pkg/<name>`` with range requests, and records each request's path
     and Range header. ``cut_after`` makes the next answer stop after that many bytes."""
 
-    def __init__(self, pki: Pki) -> None:
+    def __init__(self, pki: Pki, tls: bool = True) -> None:
         self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.cut_after: int | None = None
         server = self
@@ -311,6 +312,13 @@ class PackageServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 server.requests.append((self.path, self.headers.get("Range")))
+                location = server.redirects.get(self.path.removeprefix("/pkg/"))
+                if location is not None:
+                    self.send_response(302)
+                    self.send_header("Location", location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = server.files.get(self.path.removeprefix("/pkg/"))
                 if data is None:
                     self.send_error(404, "no such package")
@@ -336,9 +344,10 @@ class PackageServer:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(pki.server_cert, pki.server_key)
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(pki.server_cert, pki.server_key)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -525,3 +534,84 @@ def test_unpacking_keeps_flat_archives_and_unwraps_one_top_directory(tmp_path: P
     wrapped.write_bytes(tar_gz({"app.py": b"a"}, top="release-2.0"))
     unpack_package(wrapped, tmp_path / "wrapped", 10**6)
     assert [p.name for p in (tmp_path / "wrapped").iterdir()] == ["app.py"]
+
+
+def _damaged_packages() -> dict[str, bytes]:
+    """Archives that break while being read, each in its own way."""
+    good_tar = tar_gz(controller_files("healthy", os.urandom(20_000)))
+    good_zip = zip_bytes({"app.py": b"print('hi')\n" * 200, "data.bin": os.urandom(5000)})
+    bad_crc = bytearray(good_zip)
+    bad_crc[good_zip.index(b"data.bin") + 8 + 100] ^= 0xFF  # a byte of the stored data
+    false_size = bytearray(zip_bytes({"app.py": b"x" * 3000}))
+    # The central directory's uncompressed size of app.py, false (smaller than the data).
+    cd = false_size.rindex(b"PK\x01\x02")
+    false_size[cd + 24:cd + 28] = (1000).to_bytes(4, "little")
+    deflated = io.BytesIO()
+    with zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("app.py", b"y" * 50_000)
+    broken_stream = bytearray(deflated.getvalue())
+    start = broken_stream.index(b"app.py") + 6
+    broken_stream[start + 10:start + 30] = b"\xff" * 20  # a damaged deflate stream
+    file_then_dir = zip_bytes({"lib": b"a file", "lib/x.py": b"b"})
+    return {"truncated.tar.gz": good_tar[: len(good_tar) // 2],
+            "truncated-in-first-block.tar.gz": good_tar[:100],
+            "bad-crc.zip": bytes(bad_crc), "false-size.zip": bytes(false_size),
+            "broken-deflate.zip": bytes(broken_stream), "file-then-dir.zip": file_then_dir}
+
+
+@pytest.mark.parametrize("name", sorted(_damaged_packages()))
+def test_a_damaged_package_is_refused_with_a_reason(tmp_path: Path, name: str) -> None:
+    package = tmp_path / name
+    package.write_bytes(_damaged_packages()[name])
+    with pytest.raises(OtaError) as caught:
+        unpack_package(package, tmp_path / "out", 10**7)
+    assert str(caught.value) and len(str(caught.value)) < 1200
+
+
+def _tar_with(*members: tuple[str, bytes | str | int]) -> bytes:
+    """A .tar.gz of (name, content): bytes = file, str = symlink target, int = tar type."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as archive:
+        for name, what in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(what, bytes):
+                info.size = len(what)
+                info.mode = 0o4755
+                archive.addfile(info, io.BytesIO(what))
+            elif isinstance(what, str):
+                info.type, info.linkname = tarfile.SYMTYPE, what
+                archive.addfile(info)
+            else:
+                info.type = bytes([what])
+                archive.addfile(info)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("use_filter", [True, False])
+def test_tar_checks_hold_with_and_without_the_tarfile_filter(tmp_path: Path,
+                                                             use_filter: bool) -> None:
+    from teg_gateway.operations.ota import HAS_TAR_FILTER, _unpack_tar
+    if use_filter and not HAS_TAR_FILTER:
+        pytest.skip("this Python's tarfile has no extraction filter")
+    refused = {
+        "escape-through-dot-link": _tar_with(("s", "."), ("t", "s/.."), ("t/evil", b"x")),
+        "absolute-link": _tar_with(("l", "/etc")),
+        "write-through-link": _tar_with(("l", ".."), ("l/evil", b"x")),
+        "fifo": _tar_with(("f", ord(tarfile.FIFOTYPE))),
+        "device": _tar_with(("d", ord(tarfile.CHRTYPE))),
+    }
+    for name, data in refused.items():
+        package = tmp_path / f"{name}.tar.gz"
+        package.write_bytes(data)
+        dest = tmp_path / name
+        dest.mkdir()
+        with pytest.raises(OtaError, match="refused"):
+            _unpack_tar(package, dest, 10**6, use_filter=use_filter)
+        assert not (tmp_path / "evil").exists(), name
+    package = tmp_path / "fine.tar.gz"
+    package.write_bytes(_tar_with(("bin/tool", b"#!/bin/sh\n"), ("tool", "bin/tool")))
+    dest = tmp_path / "fine"
+    dest.mkdir()
+    _unpack_tar(package, dest, 10**6, use_filter=use_filter)
+    assert (dest / "tool").read_bytes() == b"#!/bin/sh\n"
+    assert (dest / "bin" / "tool").stat().st_mode & 0o7000 == 0  # no set-uid from a package

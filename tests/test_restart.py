@@ -547,3 +547,28 @@ def test_rpc_reboot_without_a_local_broker_still_reports_the_outcome(
     wait_until(lambda: not {"pending", "finished"} & set(read_state(state_path)),
                "the ended restart is forgotten", gateway)
     assert thingsboard.rpc("status")["message"]["restart_pending"] is None
+
+
+@pytest.mark.parametrize("recoverable", [True, False])
+def test_a_damaged_state_file_fails_the_pending_restart_with_a_reason(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, rig: Rig,
+        recoverable: bool) -> None:
+    rig.state_path.parent.mkdir(parents=True, exist_ok=True)
+    text = ('{\n "pending": {\n  "boot_id": "b",\n  "command": {\n   "status": "executing"\n'
+            '  },\n  "id": "dmg-1",\n  "phase": "exec') if recoverable else "\x00\x01garbage"
+    rig.state_path.write_text(text)
+    gateway = make_gateway(config=rig.config(rig.reboot_command("reboot")))
+    gateway.start()
+    report = wait_report(thingsboard, gateway, "failed")
+    assert "restart state was damaged" in report["restart_reason"]
+    assert report["restart_id"] == ("dmg-1" if recoverable else "")
+    if recoverable:
+        outcome = rig.wait_status("dmg-1", "failed", gateway)
+        assert "restart state was damaged" in outcome["reason"]
+    quarantined = list(rig.state_path.parent.glob("restart.json.corrupt-*"))
+    assert [p.read_text() for p in quarantined] == [text]
+    # Still manageable: the next restart runs as usual.
+    rig.wait_registered(gateway)
+    rig.request("after")
+    assert wait_exit(gateway) == 0, gateway.log_tail()
+    assert "ERROR" in gateway.log_text() and "moved aside" in gateway.log_text()

@@ -53,7 +53,9 @@ def gateway(make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, tmp_path
     poweroff = write_script(tmp_path / "poweroff", f'#!/bin/sh\necho "$@" > {shutdown_marker}\n')
     started = make_gateway(config={"rpc": {
         "run_command_enabled": True,
-        "run_command_allow": ["echo", PY, "no-such-program-on-path", "/nonexistent/tool"],
+        "run_command_allow": ["echo", PY, "no-such-program-on-path", "/nonexistent/tool",
+                              "df -h", ["find", "/nonexistent", "-name", "*.log"],
+                              ["uptime"], "env"],
         "run_command_max_timeout_s": MAX_TIMEOUT, "run_command_max_output": MAX_OUTPUT,
         "shutdown_command": [str(poweroff), "--now"]}})
     started.start()
@@ -100,6 +102,14 @@ def test_an_unknown_method_points_to_list(gateway: GatewayProcess,
         "unknown method 'reboot_now'; the method 'list' shows them all")
 
 
+def test_a_huge_method_name_gets_a_small_reply(gateway: GatewayProcess,
+                                               thingsboard: FakeThingsBoard) -> None:
+    reply = thingsboard.rpc("m" * 200_000)
+    assert reply["error"] is True and reply["message"].startswith("unknown method 'mmm")
+    assert len(json.dumps(reply)) < 1000
+    assert thingsboard.rpc("ping") == {"message": "pong"}  # still connected
+
+
 @pytest.mark.parametrize(("payload", "reply"), [
     (b"not json", error("request is not valid JSON")),
     (b"[1, 2]", error("request is not a JSON object")),
@@ -142,6 +152,20 @@ def test_run_command_runs_an_allowed_program_without_a_shell(
     # No shell: the arguments arrive as they were sent.
     result = run(thingsboard, ["echo", "$HOME", ";", "ls", "|", "`id`"])["message"]
     assert (result["exit_code"], result["stdout"]) == (0, "$HOME ; ls | `id`\n")
+
+
+def test_run_command_exact_command_lines_run_and_any_arguments_warn(
+        gateway: GatewayProcess, thingsboard: FakeThingsBoard) -> None:
+    result = run(thingsboard, ["find", "/nonexistent", "-name", "app.log"])["message"]
+    assert result["exit_code"] == 1 and "No such file" in result["stderr"]
+    assert run(thingsboard, ["df", "-h"])["message"]["exit_code"] == 0
+    assert run(thingsboard, ["uptime"])["message"]["exit_code"] == 0
+    # The old form (a bare name: any arguments) still works, and is warned about at start
+    # for a program that runs its arguments.
+    assert run(thingsboard, ["env", "true"])["message"]["exit_code"] == 0
+    log = gateway.log_text()
+    assert "'env' is allowed with ANY arguments" in log
+    assert "'echo' is allowed with ANY" not in log
 
 
 def test_run_command_output_is_capped(gateway: GatewayProcess,
@@ -222,6 +246,18 @@ def test_long_work_does_not_block_and_is_reported_later(gateway: GatewayProcess,
      "program 'no-such-program-on-path' is allowed but not found on PATH"),
     ({"command": ["/nonexistent/tool"], "timeout_s": 5},
      "cannot start '/nonexistent/tool': No such file or directory"),
+    # Exact command lines: the arguments count, one glob per argument.
+    ({"command": ["find", "/nonexistent", "-name", "*.log", "-exec", "id", ";"],
+      "timeout_s": 5}, "the arguments of 'find' match no allowed command line ([rpc] "
+                       "run_command_allow: find /nonexistent -name '*.log')"),
+    ({"command": ["find", "/", "-name", "x.log"], "timeout_s": 5},
+     "the arguments of 'find' match no allowed command line ([rpc] run_command_allow: find "
+     "/nonexistent -name '*.log')"),
+    ({"command": ["df", "-h", "/"], "timeout_s": 5},
+     "the arguments of 'df' match no allowed command line ([rpc] run_command_allow: df -h)"),
+    ({"command": ["uptime", "-p"], "timeout_s": 5},
+     "the arguments of 'uptime' match no allowed command line ([rpc] run_command_allow: "
+     "uptime)"),
 ])
 def test_run_command_bad_params(gateway: GatewayProcess, thingsboard: FakeThingsBoard,
                                 params: dict[str, Any], message: str) -> None:
@@ -280,6 +316,11 @@ def test_archive_republish_and_discard_inclusive_ranges(gateway: GatewayProcess,
      "start_timestamp_ms must be before end_timestamp_ms"),
     ({"start_timestamp_ms": 6, "end_timestamp_ms": 5},
      "start_timestamp_ms must be before end_timestamp_ms"),
+    # Beyond 64 bits: a refusal, not an internal error.
+    ({"start_timestamp_ms": 1, "end_timestamp_ms": 2**64},
+     f"param 'end_timestamp_ms' must be from {-2**63} to {2**63 - 1}, got {2**64}"),
+    ({"start_timestamp_ms": -2**63 - 1, "end_timestamp_ms": 5},
+     f"param 'start_timestamp_ms' must be from {-2**63} to {2**63 - 1}, got {-2**63 - 1}"),
 ])
 def test_archive_bad_params(gateway: GatewayProcess, thingsboard: FakeThingsBoard, method: str,
                             params: dict[str, Any], message: str) -> None:

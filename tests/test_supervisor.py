@@ -430,3 +430,27 @@ def test_a_command_that_cannot_start_is_retried_with_backoff(tmp_path: Path) -> 
     assert crashed[0]["controller_last_exit"].startswith("start failed: cannot start")
     assert os.fspath(tmp_path / "missing-controller") in crashed[0]["controller_last_exit"]
     assert h.supervisor.delays[2] > h.supervisor.delays[0] / 2
+
+
+def test_health_durations_ignore_a_wall_clock_jump(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device without a real-time clock boots with a wrong time and NTP moves it by
+    years: the reported durations follow the monotonic clock only."""
+    from teg_gateway.controller import supervisor as module
+
+    h = Harness(make_settings(tmp_path, "healthy", health_timeout_s=30.0))
+
+    async def scenario(h: Harness) -> None:
+        await until(lambda: "ms_since_last_controller_health_check" in
+                    h.supervisor.health_values())
+        before = h.supervisor.health_values()
+        ten_years_ms = 10 * 365 * 86_400_000
+        monkeypatch.setattr(module, "_wall_ms", lambda: time.time_ns() // 10**6 + ten_years_ms)
+        after = h.supervisor.health_values()
+        assert after["ms_since_controller_startup"] - before["ms_since_controller_startup"] \
+            < 60_000
+        assert after["ms_since_last_controller_health_check"] < 60_000
+        monkeypatch.setattr(module, "_wall_ms", lambda: time.time_ns() // 10**6 - ten_years_ms)
+        assert 0 <= h.supervisor.health_values()["ms_since_controller_startup"] < 60_000
+
+    h.run(scenario)

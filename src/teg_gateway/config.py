@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import json
 import logging
+import shlex
+import ssl
 import tomllib
 import types
 import typing
@@ -178,8 +180,14 @@ class RpcSettings:
     shutdown_command: list[str] = list_setting(["sudo", "poweroff"],
                                                "power-off command of the RPC shutdown")
     run_command_enabled: bool = setting(False, "allow the RPC run_command at all")
-    run_command_allow: list[str] = list_setting(
-        [], "programs run_command may start (names or absolute paths)")
+    run_command_allow: list[str | list[str]] = list_setting(
+        [], "what run_command may start. An exact command line: `\"df -h\"` (split like a "
+            "shell would) or `[\"systemctl\", \"status\", \"*\"]` (a list: no "
+            "splitting), the program then its arguments, each argument a glob (`*` = any "
+            "one argument), the count fixed; `[\"uptime\"]` = no arguments. A bare program "
+            "name or path (`\"uptime\"`) allows it with ANY arguments: never do that for a "
+            "program that runs its arguments (sh, env, find, xargs, python, awk, sudo, "
+            "timeout, ...), which would allow anything (warned at start)")
     run_command_max_timeout_s: float = setting(300.0, "longest timeout_s run_command accepts",
                                                check="positive")
     run_command_max_output: int = setting(16384, "bytes of stdout/stderr kept per command",
@@ -221,7 +229,8 @@ class ControllerSettings:
 class FilesSettings:
     allowed_dirs: list[str] = list_setting(
         [], "directories managed files may be written in (default: the controller data "
-            "directory only)")
+            "directory only); the gateway's own files (databases, token, state/, ota/, "
+            "controller/versions/) are never managed, whatever this says")
     max_bytes: int = setting(1024 * 1024, "largest managed file", check="positive")
     poll_interval_s: float = setting(5.0, "how often managed files are checked for local "
                                           "changes", check="positive")
@@ -360,9 +369,17 @@ def _convert(value: Any, kind: Any, where: str, from_text: bool) -> Any:
             return value
         raise ConfigError(f"setting {where}: must be a string, got {_got(value)}")
     if origin is list:
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise ConfigError(f"setting {where}: must be a list of strings, got {_got(value)}")
+        if typing.get_args(kind) in ((), (str,)):
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise ConfigError(f"setting {where}: must be a list of strings, got {_got(value)}")
+        # list[str | list[str]]: each item a string or a non-empty list of strings
+        if isinstance(value, list) and all(
+                isinstance(v, str) or (isinstance(v, list) and v and all(
+                    isinstance(w, str) for w in v)) for v in value):
+            return [list(v) if isinstance(v, list) else v for v in value]
+        raise ConfigError(f"setting {where}: must be a list whose items are strings or "
+                          f"non-empty lists of strings, got {_got(value)}")
     if origin is dict:
         if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
                                            for k, v in value.items()):
@@ -492,11 +509,31 @@ def _check_whole(settings: Settings, require_data: bool, require_host: bool = Fa
                           "controller.restart_min_s")
     if not settings.restart.command:
         raise ConfigError("setting restart.command: must not be empty")
-    if tb.ca_cert and not Path(tb.ca_cert).is_file():
-        raise ConfigError(f"setting thingsboard.ca_cert (THINGSBOARD_CA_CERT): no such file: "
-                          f"{tb.ca_cert}")
-    if settings.ota.url_ca_cert and not Path(settings.ota.url_ca_cert).is_file():
-        raise ConfigError(f"setting ota.url_ca_cert: no such file: {settings.ota.url_ca_cert}")
+    for name, value in (("thingsboard.ca_cert (THINGSBOARD_CA_CERT)", tb.ca_cert),
+                        ("ota.url_ca_cert", settings.ota.url_ca_cert)):
+        if value:
+            _check_ca_file(name, value)
+    for entry in settings.rpc.run_command_allow:
+        try:
+            words = entry if isinstance(entry, list) else shlex.split(entry)
+        except ValueError as exc:
+            raise ConfigError(f"setting rpc.run_command_allow: entry {entry!r} cannot be "
+                              f"split: {exc}") from None
+        if not words or not words[0]:
+            raise ConfigError(f"setting rpc.run_command_allow: entry {entry!r} names no "
+                              "program")
+
+
+def _check_ca_file(name: str, path: str) -> None:
+    """ConfigError unless ``path`` is a file of PEM (or DER) CA certificates."""
+    if not Path(path).is_file():
+        raise ConfigError(f"setting {name}: no such file: {path}")
+    try:
+        ssl.create_default_context(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"setting {name}: {path} is not a readable PEM CA certificate "
+                          f"file ({reason})") from None
 
 
 def settings_table() -> list[tuple[str, str, str, str]]:

@@ -122,6 +122,7 @@ class Supervisor:
         self._ever_started = False
         self._generation = 0
         self._run_started: float | None = None
+        self._age_at_run_start_ms = 0
         self._signal_since_start = False
         self._healthy_this_run = False
         self._last_signal: float | None = None
@@ -149,16 +150,19 @@ class Supervisor:
         """Time (ms since the epoch) of the last health signal from either source."""
         return self._last_signal_ms
 
-    def health_values(self, now_ms: int | None = None) -> dict[str, int]:
+    def health_values(self) -> dict[str, int]:
         """``ms_since_controller_startup`` and ``ms_since_last_controller_health_check``,
-        each present only when known."""
-        now = _wall_ms() if now_ms is None else now_ms
+        each present only when known. Both are measured on the monotonic clock, so a
+        jump of the wall clock (NTP setting the time of a device without a real-time
+        clock) does not change them."""
+        now = self.clock()
         values: dict[str, int] = {}
-        started = self.started_at_ms()
-        if started is not None:
-            values["ms_since_controller_startup"] = max(0, now - started)
-        if self._last_signal_ms:
-            values["ms_since_last_controller_health_check"] = max(0, now - self._last_signal_ms)
+        if self._run_started is not None and self.started_at_ms() is not None:
+            values["ms_since_controller_startup"] = int(
+                self._age_at_run_start_ms + (now - self._run_started) * 1000)
+        if self._last_signal is not None:
+            values["ms_since_last_controller_health_check"] = int(
+                max(0.0, now - self._last_signal) * 1000)
         return values
 
     def note_health(self, status: str, ts_ms: int | None = None) -> None:
@@ -388,6 +392,10 @@ class Supervisor:
 
     def _run_begun(self) -> None:
         self._run_started = self.clock()
+        # How long the controller had been running when this run was taken up (a
+        # container kept across a gateway restart): read from the wall clock once.
+        started_ms = self.runtime.started_at_ms()
+        self._age_at_run_start_ms = max(0, _wall_ms() - started_ms) if started_ms else 0
         self._signal_since_start = False
         self._healthy_this_run = False
         self._healthy.clear()

@@ -193,7 +193,7 @@ class LocalBus:
 def _health_status(payload: bytes) -> str:
     try:
         value = json.loads(payload) if payload else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         return "unknown"
     status = value.get("status") if isinstance(value, dict) else None
     return status if isinstance(status, str) else "unknown"

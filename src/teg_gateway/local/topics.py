@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from teg_gateway.bounds import clip
+
 ROOT = "te"
 MAIN = ("device", "main", "", "")
 RESTART_CAPABILITY = "te/device/main///cmd/restart"
@@ -79,6 +81,13 @@ class MappingError(ValueError):
     """A message that cannot be mapped; the text says why."""
 
 
+#: Times outside [year 1970, year 9999] are refused (a timestamp must fit SQLite and
+#: ThingsBoard).
+MAX_TIME_MS = 253_402_300_799_999
+#: Objects nested deeper than this are refused (each level becomes a dotted name).
+MAX_DEPTH = 32
+
+
 def _time_ms(value: Any) -> int | None:
     if value is None:
         return None
@@ -87,20 +96,26 @@ def _time_ms(value: Any) -> int | None:
     if isinstance(value, int | float):
         if not math.isfinite(value):
             raise MappingError("time is not a finite number")
-        return int(value * 1000)
-    if isinstance(value, str):
+        ms = value * 1000
+    elif isinstance(value, str):
         try:
-            return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
-        except ValueError:
-            raise MappingError(f"time {value!r} is not RFC 3339") from None
-    raise MappingError("time must be RFC 3339 text or Unix seconds")
+            ms = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000
+        except (ValueError, OverflowError, OSError):
+            raise MappingError(f"time {clip(repr(value), 80)} is not RFC 3339") from None
+    else:
+        raise MappingError("time must be RFC 3339 text or Unix seconds")
+    if not (math.isfinite(ms) and 0 <= ms <= MAX_TIME_MS):
+        raise MappingError("time is out of range (1970 to 9999)")
+    return int(ms)
 
 
-def _flatten(prefix: str, value: dict[str, Any], out: dict[str, Any]) -> None:
+def _flatten(prefix: str, value: dict[str, Any], out: dict[str, Any], depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise MappingError(f"objects nested deeper than {MAX_DEPTH} levels")
     for key, item in value.items():
         name = f"{prefix}{key}"
         if isinstance(item, dict):
-            _flatten(name + ".", item, out)
+            _flatten(name + ".", item, out, depth + 1)
         else:
             out[name] = item
 
@@ -108,7 +123,7 @@ def _flatten(prefix: str, value: dict[str, Any], out: dict[str, Any]) -> None:
 def _object(payload: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise MappingError(f"{what} is not valid JSON") from None
     if not isinstance(value, dict):
         raise MappingError(f"{what} is not a JSON object")
@@ -151,7 +166,7 @@ def map_message(topic: Topic, payload: bytes) -> Mapped | None:
             return Mapped(attributes={f"{prefix}{channel[1]}": None})
         try:
             value = json.loads(payload)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise MappingError("twin value is not valid JSON") from None
         return Mapped(attributes={f"{prefix}{channel[1]}": value})
     if channel == ("status", "health") and topic.service:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import time
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from teg_gateway import __version__
+from teg_gateway.bounds import VALUE_LIMIT, bounded_json, clip, show
 from teg_gateway.config import RpcSettings
 from teg_gateway.mqttlink import ConnectionLost
 from teg_gateway.operations.restart import RPC_PREFIX, RestartOperation
@@ -71,6 +74,9 @@ class GatewayMethods:
         self.rpc = rpc
         self.c = controls
         self._later: set[asyncio.Task[None]] = set()
+        self.allow_rules = parse_allow(controls.rpc_settings.run_command_allow)
+        if controls.rpc_settings.run_command_enabled:
+            warn_about_allow_rules(self.allow_rules)
 
     def _late_reporter(self, method: str) -> Callable[[Any, BaseException | None], None]:
         request_id = current_request_id.get()
@@ -80,9 +86,10 @@ class GatewayMethods:
             if error is None:
                 outcome["result"] = result
             else:
-                outcome["error"] = str(error)
-            log.info("RPC %s (%s) finished: %s", method, request_id, outcome)
-            self.c.report({"rpc_result": json.dumps(outcome, default=str)})
+                outcome["error"] = clip(error, 1000)
+            text = bounded_json(outcome, VALUE_LIMIT)
+            log.info("RPC %s (%s) finished: %s", method, clip(request_id, 64), clip(text, 2000))
+            self.c.report({"rpc_result": text})
 
         return report
 
@@ -131,8 +138,8 @@ class GatewayMethods:
             result = await run_program(argv, 60.0, 4096)
             if result["exit_code"] != 0:
                 log.error("shutdown command failed: %s", result)
-                self.c.report({"rpc_result": json.dumps({"method": "shutdown",
-                                                         "error": result})})
+                self.c.report({"rpc_result": bounded_json({"method": "shutdown",
+                                                           "error": result}, VALUE_LIMIT)})
 
         self._after_reply(power_off)
         return f"powering off with {' '.join(argv)}"
@@ -154,7 +161,7 @@ class GatewayMethods:
         if not 1 <= timeout <= settings.run_command_max_timeout_s:
             raise RpcError(f"param 'timeout_s' must be from 1 to "
                            f"{settings.run_command_max_timeout_s:g}")
-        program = allowed_program(argv[0], settings.run_command_allow)
+        program = allowed_program(argv, self.allow_rules)
         work = run_program([program, *argv[1:]], float(timeout), settings.run_command_max_output)
         return await self.rpc.result_or_progress(
             work, "command started; its result is reported as telemetry rpc_result",
@@ -202,18 +209,93 @@ class GatewayMethods:
             self._late_reporter("archive_discard_messages"))
 
 
-def allowed_program(program: str, allow: list[str]) -> str:
-    """The path to run for ``program`` if the allow-list names it; RpcError otherwise.
+#: Programs that run their arguments as a command or as code: allowed with any arguments,
+#: they allow anything (matched on the base name, as globs).
+RUNS_ITS_ARGUMENTS = (
+    "sh", "bash", "dash", "zsh", "ksh", "csh", "tcsh", "fish", "busybox", "env", "find",
+    "xargs", "python*", "pypy*", "perl*", "ruby*", "node*", "nodejs", "lua*", "php*",
+    "tclsh*", "awk", "gawk", "mawk", "nawk", "sed", "sudo", "su", "doas", "runuser", "nice",
+    "ionice", "nohup", "timeout", "stdbuf", "setsid", "chroot", "watch", "time", "strace",
+    "ltrace", "gdb", "flock", "script", "ssh", "systemd-run", "docker", "podman", "git",
+    "tar", "rsync", "make", "vi", "vim", "nsenter", "unshare", "chrt", "taskset", "caffeinate")
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    """One entry of ``[rpc] run_command_allow``: the program (a name looked up on PATH,
+    or an absolute path), and the argument globs (None: any arguments)."""
+
+    program: str
+    args: tuple[str, ...] | None
+
+    def matches(self, argv: list[str]) -> bool:
+        if argv[0] != self.program:
+            return False
+        if self.args is None:
+            return True
+        return len(argv) - 1 == len(self.args) and all(
+            fnmatch.fnmatchcase(arg, pattern) for arg, pattern in zip(argv[1:], self.args,
+                                                                     strict=True))
+
+    def describe(self) -> str:
+        if self.args is None:
+            return f"{self.program} (any arguments)"
+        return shlex.join([self.program, *self.args])
+
+    @property
+    def runs_anything(self) -> bool:
+        """Any arguments to a program that executes its arguments."""
+        name = os.path.basename(self.program)
+        return self.args is None and any(fnmatch.fnmatchcase(name, p)
+                                         for p in RUNS_ITS_ARGUMENTS)
+
+
+def parse_allow(entries: list[str | list[str]]) -> list[AllowRule]:
+    """The rules of ``[rpc] run_command_allow`` (checked at start by the config): a list
+    is an exact command line; a string with spaces is split like a shell would; a bare
+    program name or path allows any arguments."""
+    rules = []
+    for entry in entries:
+        if isinstance(entry, list):
+            words = list(entry)
+        elif entry.strip() != entry or any(c.isspace() for c in entry):
+            words = shlex.split(entry)
+        else:
+            rules.append(AllowRule(entry, None))
+            continue
+        rules.append(AllowRule(words[0], tuple(words[1:])))
+    return rules
+
+
+def warn_about_allow_rules(rules: list[AllowRule]) -> None:
+    """One warning per rule that would let run_command run anything."""
+    for rule in rules:
+        if rule.runs_anything:
+            log.warning("[rpc] run_command_allow: %r is allowed with ANY arguments, and it "
+                        "runs what its arguments say: run_command can run anything. Allow "
+                        "exact command lines instead, e.g. [\"%s\", \"--version\"]",
+                        rule.program, rule.program)
+
+
+def allowed_program(argv: list[str], rules: list[AllowRule]) -> str:
+    """The path to run for ``argv[0]`` if a rule allows ``argv``; RpcError otherwise.
 
     An entry with a ``/`` allows exactly that path; a bare name allows that name, looked
     up on PATH. A path that is not itself on the list is refused even if its base name is.
     """
-    if program in allow:
-        resolved = program if "/" in program else shutil.which(program)
-        if resolved is None:
-            raise RpcError(f"program {program!r} is allowed but not found on PATH")
-        return resolved
-    raise RpcError(f"program {program!r} is not on the allow-list ([rpc] run_command_allow)")
+    program = argv[0]
+    mine = [r for r in rules if r.program == program]
+    if not mine:
+        raise RpcError(f"program {show(program)} is not on the allow-list ([rpc] "
+                       "run_command_allow)")
+    if not any(r.matches(argv) for r in mine):
+        shown = "; ".join(r.describe() for r in mine)
+        raise RpcError(f"the arguments of {show(program)} match no allowed command line "
+                       f"([rpc] run_command_allow: {clip(shown, 500)})")
+    resolved = program if "/" in program else shutil.which(program)
+    if resolved is None:
+        raise RpcError(f"program {show(program)} is allowed but not found on PATH")
+    return resolved
 
 
 async def run_program(argv: list[str], timeout_s: float, max_output: int) -> dict[str, Any]:

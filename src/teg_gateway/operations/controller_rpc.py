@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from teg_gateway.bounds import ECHO_LIMIT, clip, show
 from teg_gateway.controller.runtime import ControllerError
 from teg_gateway.controller.supervisor import Supervisor
 from teg_gateway.operations.rpc import REPLY_WITHIN_S, RpcDispatcher, RpcError
@@ -17,7 +18,9 @@ def register_controller_rpc(dispatcher: RpcDispatcher, supervisor: Supervisor | 
             raise RpcError("no controller is supervised (controller.runtime is \"none\")")
         reason = params.get("reason")
         if reason is not None and not isinstance(reason, str):
-            raise RpcError(f"param 'reason' must be text, got {reason!r}")
+            raise RpcError(f"param 'reason' must be text, got {show(reason)}")
+        if reason is not None:
+            reason = clip(reason, ECHO_LIMIT)
         why = f"RPC restart_controller: {reason}" if reason else "RPC restart_controller"
         try:
             return await dispatcher.result_or_progress(

@@ -19,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.client import HTTPException, HTTPResponse
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from teg_gateway.backoff import Backoff
+from teg_gateway.bounds import clip
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,42 @@ def check_url(url: str, allow_http: bool) -> None:
         allowed = " or ".join(schemes)
         hint = "" if allow_http or parts.scheme != "http" else \
             " (plain http needs [ota] allow_http = true)"
-        raise DownloadError(f"sw_url {url!r} is not an {allowed} URL{hint}")
+        raise DownloadError(f"sw_url {clip(repr(url))} is not an {allowed} URL{hint}")
+
+
+#: Redirects followed for one request; each hop obeys the rules of the first URL.
+MAX_REDIRECTS = 5
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a URL that :func:`check_url` accepts (https, or http
+    when allowed), and at most MAX_REDIRECTS times; anything else is a DownloadError.
+    Every hop goes through the same opener, so it is verified with the same CAs."""
+
+    # urllib's own loop limits stay above ours, so the clearer message is ours.
+    max_repeats = max_redirections = MAX_REDIRECTS + 1
+
+    def __init__(self, allow_http: bool) -> None:
+        self.allow_http = allow_http
+
+    def redirect_request(  # noqa: PLR0917 (the signature urllib calls)
+            self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+            headers: Any, newurl: str) -> urllib.request.Request | None:
+        hops = sum(getattr(req, "redirect_dict", {}).values())
+        if hops >= MAX_REDIRECTS:
+            raise DownloadError(f"sw_url redirected more than {MAX_REDIRECTS} times "
+                                f"(last to {clip(newurl)})")
+        try:
+            check_url(newurl, self.allow_http)
+        except DownloadError as exc:
+            raise DownloadError(f"sw_url {clip(req.full_url)} redirected: {exc}") from None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def opener(context: ssl.SSLContext, allow_http: bool) -> urllib.request.OpenerDirector:
+    """The URL opener of a download: TLS with ``context``, checked redirects."""
+    return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
+                                       _CheckedRedirects(allow_http))
 
 
 def tls_context(extra_ca: str) -> ssl.SSLContext:
@@ -71,6 +108,7 @@ class UrlDownload:
     context: ssl.SSLContext
     timeout_s: float
     superseded: Callable[[], bool]
+    allow_http: bool = False
     backoff: Backoff = field(default_factory=lambda: Backoff(1.0, 60.0))
 
     async def run(self) -> bool:
@@ -102,20 +140,20 @@ class UrlDownload:
             request.add_header("Range", f"bytes={have}-")
         try:
             response: HTTPResponse = await asyncio.to_thread(
-                urllib.request.urlopen, request, timeout=self.timeout_s, context=self.context)
+                opener(self.context, self.allow_http).open, request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and have and self.size is None:
                 return True  # asked past the end: the file was complete
-            if 400 <= exc.code < 500:
-                raise DownloadError(f"the server refused {self.url}: HTTP {exc.code} "
-                                    f"{exc.reason}") from None
-            raise _Retry(f"HTTP {exc.code} {exc.reason}") from None
+            if 300 <= exc.code < 500:  # a refusal, or a redirect that cannot be followed
+                raise DownloadError(f"the server refused {clip(self.url)}: HTTP {exc.code} "
+                                    f"{clip(exc.reason)}") from None
+            raise _Retry(f"HTTP {exc.code} {clip(exc.reason)}") from None
         except (urllib.error.URLError, OSError, HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, ssl.SSLCertVerificationError):
-                raise DownloadError(f"the TLS certificate of {self.url} does not verify: "
+                raise DownloadError(f"the TLS certificate of {clip(self.url)} does not verify: "
                                     f"{reason.verify_message}") from None
-            raise _Retry(str(reason)) from None
+            raise _Retry(clip(reason, 500)) from None
         with response:
             if have and response.status != 206:
                 log.info("%s does not resume downloads: starting again from byte 0", self.url)
@@ -123,7 +161,7 @@ class UrlDownload:
             length = response.getheader("Content-Length")
             total = have + int(length) if length and length.isdigit() else None
             if self.size is not None and total is not None and total != self.size:
-                raise DownloadError(f"{self.url} has {total} bytes, sw_size announced "
+                raise DownloadError(f"{clip(self.url)} has {total} bytes, sw_size announced "
                                     f"{self.size}")
             if (total or 0) > self.max_bytes:
                 raise DownloadError(f"package of {total} bytes is larger than [ota] "

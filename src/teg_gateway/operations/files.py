@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from teg_gateway.bounds import clip
 from teg_gateway.config import Settings
 from teg_gateway.controller.queue import QUEUE_FILE
-from teg_gateway.fsutil import atomic_write_at, atomic_write_json, read_json
-from teg_gateway.store.state import state_dir
+from teg_gateway.fsutil import atomic_write_at
+from teg_gateway.store.state import load_state, state_dir, store_state
 from teg_gateway.store.stores import ARCHIVE_FILE, OUTBOX_FILE
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,12 @@ HASHES = "FILE_HASHES"
 NO_FILE = "E_NOFILE"
 TOO_LARGE = "E_TOO_LARGE"
 NOT_A_FILE = "E_NOTAFILE"
+LINKED = "E_LINKED"
 ENCODINGS = ("text", "json", "base64")
+# Bounds on FILES, so FILE_HASHES and the attribute names stay small.
+MAX_ENTRIES = 200
+MAX_KEY_CHARS = 100
+MAX_PATH_CHARS = 4096
 DATA_PATH_VARS = ("${DATA_PATH}", "$DATA_PATH")
 
 # A burst of attribute changes arriving within this long gives one pass.
@@ -115,9 +121,16 @@ def parse_files(value: Any) -> tuple[dict[str, FileSpec], dict[str, str]]:
             raise FileRefused(f"FILES is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise FileRefused(f"FILES must be a JSON object, got {type(value).__name__}")
+    if len(value) > MAX_ENTRIES:
+        raise FileRefused(f"FILES has {len(value)} entries; at most {MAX_ENTRIES} files are "
+                          "managed")
     specs: dict[str, FileSpec] = {}
     errors: dict[str, str] = {}
     for key, entry in value.items():
+        if len(key) > MAX_KEY_CHARS:
+            errors[clip(key, MAX_KEY_CHARS)] = (f"a FILES key must be at most {MAX_KEY_CHARS} "
+                                                "characters")
+            continue
         try:
             specs[key] = parse_entry(key, entry)
         except FileRefused as exc:
@@ -135,7 +148,7 @@ def parse_entry(key: str, entry: Any) -> FileSpec:
         raise FileRefused("path is missing or not a string")
     encoding = entry.get("encoding", "text")
     if encoding not in ENCODINGS:
-        raise FileRefused(f"unknown encoding {encoding!r} (text, json or base64)")
+        raise FileRefused(f"unknown encoding {clip(repr(encoding))} (text, json or base64)")
     flags = {}
     for name, default in (("restart_controller_on_change", False),
                           ("create_if_not_exist", True)):
@@ -143,10 +156,15 @@ def parse_entry(key: str, entry: Any) -> FileSpec:
         if flag is None:
             flag = default
         if not isinstance(flag, bool):
-            raise FileRefused(f"{name} must be true or false, got {flag!r}")
+            raise FileRefused(f"{name} must be true or false, got {clip(repr(flag))}")
         flags[name] = flag
+    if len(path) > MAX_PATH_CHARS:
+        raise FileRefused(f"path is longer than {MAX_PATH_CHARS} characters")
+    write_version = entry.get("write_version")
+    if len(json.dumps(write_version, default=str)) > MAX_KEY_CHARS:
+        raise FileRefused(f"write_version must be at most {MAX_KEY_CHARS} characters")
     return FileSpec(key=key, path=path, encoding=encoding,
-                    write_version=entry.get("write_version"),
+                    write_version=write_version,
                     restart_controller_on_change=flags["restart_controller_on_change"],
                     create_if_not_exist=flags["create_if_not_exist"])
 
@@ -166,12 +184,16 @@ def allowed_dirs(settings: Settings) -> list[Path]:
 
 
 def protected_paths(settings: Settings) -> tuple[list[Path], list[Path]]:
-    """(files, directories) of the gateway itself that are never managed, resolved."""
+    """(files, directories) of the gateway itself that are never managed, resolved,
+    whatever the allowed directories say: its databases, its credentials, its state,
+    the OTA downloads and the installed controller versions (code that OTA verified)."""
     files = [settings.access_token_path]
     for directory, name in ((settings.data_dir, OUTBOX_FILE), (settings.data_dir, ARCHIVE_FILE),
                             (settings.controller_data_dir, QUEUE_FILE)):
         files += [directory / (name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
-    return [p.resolve() for p in files], [state_dir(settings.data_dir).resolve()]
+    dirs = [state_dir(settings.data_dir), settings.data_dir / "ota",
+            settings.data_dir / "controller" / "versions"]
+    return [p.resolve() for p in files], [d.resolve() for d in dirs]
 
 
 def resolve_path(raw: str, settings: Settings, allowed: list[Path] | None = None) -> Path:
@@ -190,15 +212,17 @@ def resolve_path(raw: str, settings: Settings, allowed: list[Path] | None = None
     try:
         real = expanded.resolve()
     except (OSError, RuntimeError) as exc:
-        raise FileRefused(f"path {raw!r} cannot be resolved: {exc}") from None
+        raise FileRefused(f"path {clip(repr(raw))} cannot be resolved: {exc}") from None
     allowed = allowed_dirs(settings) if allowed is None else allowed
     if not any(real != d and real.is_relative_to(d) for d in allowed):
         shown = ", ".join(str(d) for d in allowed) or "(none)"
-        raise FileRefused(f"path {raw!r} resolves to {real}, which is outside the allowed "
-                          f"directories ({shown}; setting files.allowed_dirs)")
+        raise FileRefused(f"path {clip(repr(raw))} resolves to {clip(real)}, which is "
+                          f"outside the allowed directories ({shown}; setting files.allowed_dirs)")
     files, dirs = protected_paths(settings)
     if real in files or any(real.is_relative_to(d) for d in dirs):
-        raise FileRefused(f"path {raw!r} resolves to {real}, a file of the gateway itself")
+        raise FileRefused(f"path {clip(repr(raw))} resolves to {clip(real)}, a file of the "
+                          "gateway itself (its databases, credentials, state, OTA downloads "
+                          "and installed versions are never managed)")
     return real
 
 
@@ -353,6 +377,11 @@ def _open_regular(loc: Located) -> tuple[BinaryIO | None, Signature | None, str 
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         return None, _signature(st), NOT_A_FILE
+    if st.st_nlink > 1:
+        # Another name of the same file may lie anywhere on this file system: its
+        # content is not the managed file's to show or to change.
+        os.close(fd)
+        return None, _signature(st), LINKED
     return os.fdopen(fd, "rb"), _signature(st), None
 
 
@@ -445,6 +474,8 @@ class FileManager:
         self._retry: set[str] = set()        # failed writes, tried again at every poll
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._state_damage: str | None = None
+        self._conflicts: dict[str, str] = {}  # key -> why, found by the last pass
         self._load_state()
 
     # -- inputs -------------------------------------------------------------------------
@@ -507,6 +538,9 @@ class FileManager:
 
     async def run(self) -> None:
         """Reconcile when asked to, and poll the managed files for local changes."""
+        if self._state_damage is not None:
+            self._report({"files_error": self._state_damage})
+            self._state_damage = None
         loop = asyncio.get_running_loop()
         next_poll = loop.time() + self.poll_interval_s
         while True:
@@ -535,6 +569,8 @@ class FileManager:
         if self._retry:
             return True
         for key, spec in self.files.items():
+            if key in self._conflicts:
+                continue
             try:
                 loc = locate(spec.path, self.settings)
             except FileRefused:
@@ -601,8 +637,13 @@ class FileManager:
         for key, error in self.spec_errors.items():
             self._error(key, error, result)
         allowed = allowed_dirs(self.settings)
+        self._conflicts = self._find_conflicts(allowed)
+        for key, text in self._conflicts.items():
+            self._error(key, text, result)
         restart_for: list[str] = []
         for key, spec in self.files.items():
+            if key in self._conflicts:
+                continue
             try:
                 wrote = await self._reconcile_one(key, spec, allowed, result)
             except FileRefused as exc:
@@ -629,6 +670,25 @@ class FileManager:
             result.restarted = await self._restart_controller(restart_for)
         return result
 
+    def _find_conflicts(self, allowed: list[Path]) -> dict[str, str]:
+        """An error per key whose file (after resolving) is also another key's file:
+        neither is written, or they would overwrite each other at every pass."""
+        by_path: dict[Path, list[str]] = {}
+        for key, spec in (self.files or {}).items():
+            try:
+                by_path.setdefault(locate(spec.path, self.settings, allowed).path,
+                                   []).append(key)
+            except FileRefused:
+                continue  # reported by the pass
+        conflicts: dict[str, str] = {}
+        for path, keys in by_path.items():
+            if len(keys) > 1:
+                for key in keys:
+                    others = ", ".join(clip(k, 60) for k in keys if k != key)
+                    conflicts[key] = (f"{clip(path)} is also managed by {clip(others)}: "
+                                      "neither is written until one path is changed")
+        return conflicts
+
     async def _reconcile_one(self, key: str, spec: FileSpec, allowed: list[Path],
                              result: PassResult) -> bool:
         """Bring one file to its desired content; True when it was written."""
@@ -642,6 +702,11 @@ class FileManager:
             except FileRefused as exc:
                 refused = exc
         current = await self._read(loc)
+        if current.problem == LINKED:
+            self._mirror(spec, current)
+            self._retry.discard(key)
+            raise FileRefused(f"{clip(path)} has more than one hard link: refused (its "
+                              "content could be another file's); give it a name of its own")
         wrote = False
         if desired is not None and current.data != desired:
             try:
@@ -728,7 +793,7 @@ class FileManager:
             return
         self._reported_errors[key] = text
         log.error("files: %s refused: %s", key, text)
-        self._report({"files_error": f"{key}: {text}"})
+        self._report({"files_error": clip(f"{clip(key, 100)}: {text}", 1200)})
 
     def _clear_error(self, key: str) -> None:
         if self._reported_errors.pop(key, None) is not None:
@@ -737,13 +802,18 @@ class FileManager:
     # -- durable state ------------------------------------------------------------------
 
     def _load_state(self) -> None:
-        saved = read_json(self.state_path)
-        hashes = saved.get("hashes") if isinstance(saved, dict) else None
+        loaded = load_state(self.state_path)
+        if loaded.damage is not None:
+            # Reported when the loop starts (telemetry is not open yet); the hashes are
+            # rebuilt by the next pass, which writes every file from ThingsBoard's content.
+            self._state_damage = clip(f"the file-management state was damaged: "
+                                      f"{loaded.damage}", 1000)
+        hashes = loaded.value.get("hashes")
         if isinstance(hashes, dict):
             self.hashes = {k: v for k, v in hashes.items() if isinstance(v, dict)}
 
     def _save_state(self) -> None:
         try:
-            atomic_write_json(self.state_path, {"hashes": self.hashes})
+            store_state(self.state_path, {"hashes": self.hashes})
         except OSError as exc:
             log.error("files: could not save %s: %s", self.state_path, exc)

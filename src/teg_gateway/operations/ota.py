@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -42,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from teg_gateway.bounds import clip
 from teg_gateway.config import Settings
 from teg_gateway.controller.runtime import (
     ControllerError,
@@ -54,7 +56,7 @@ from teg_gateway.controller.runtime import (
 from teg_gateway.controller.supervisor import RUNNING, Supervisor
 from teg_gateway.fsutil import fsync_dir
 from teg_gateway.operations.download import DownloadError, UrlDownload, check_url, tls_context
-from teg_gateway.store.state import StateFile
+from teg_gateway.store.state import Loaded, StateFile, store_state
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ FSYNC_EVERY_BYTES = 1024 * 1024
 HASH_BLOCK = 1024 * 1024
 #: Unpacked content may be at most this many times the package limit (zip bombs).
 UNPACK_FACTOR = 8
+MAX_URL_CHARS = 4096
 _CHUNK_TOPIC = re.compile(r"^v2/sw/response/([^/]+)/chunk/(\d+)$")
 
 Publish = Callable[[str, bytes | str], "asyncio.Future[None]"]
@@ -123,7 +126,7 @@ def _new_hasher(algorithm: str) -> Any:
     if name == "MURMUR3_128":
         import mmh3  # noqa: PLC0415
         return mmh3.mmh3_x64_128()
-    raise OtaError(f"checksum algorithm {algorithm!r} is not supported (use one of "
+    raise OtaError(f"checksum algorithm {clip(repr(algorithm))} is not supported (use one of "
                    f"{', '.join(ALGORITHMS)})")
 
 
@@ -177,14 +180,30 @@ def unpack_package(package: Path, dest: Path, max_bytes: int) -> None:
 
     A member that would land outside ``dest`` (absolute, ``..``, a link pointing out)
     refuses the whole package. When everything sits in one top-level directory, its
-    content becomes the version directory. Raises OtaError."""
+    content becomes the version directory. Any failure (a damaged archive, a full disk,
+    a file where the package has a directory, ...) raises OtaError saying why."""
+    try:
+        _unpack_any(package, dest, max_bytes)
+    except OtaError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise OtaError("no space left on the device while unpacking the package "
+                           f"({clip(exc.filename or dest)})") from None
+        raise OtaError(f"the package cannot be unpacked: {clip(exc, 500)}") from None
+    except Exception as exc:  # damaged archives raise many kinds (EOFError, zlib.error, ...)
+        raise OtaError(f"the package is not a readable archive: {type(exc).__name__}: "
+                       f"{clip(exc, 500)}") from None
+
+
+def _unpack_any(package: Path, dest: Path, max_bytes: int) -> None:
     dest.mkdir(parents=True)
     if zipfile.is_zipfile(package):
         _unpack_zip(package, dest, max_bytes)
     else:
         try:
             is_tar = tarfile.is_tarfile(package)
-        except OSError:
+        except OSError:  # not gzip at all; a damaged gzip raises on, as unreadable
             is_tar = False
         if not is_tar:
             raise OtaError("the package is neither a .tar.gz nor a .zip archive")
@@ -208,8 +227,8 @@ def _check_members(names: list[str], unpacked_bytes: int, max_bytes: int) -> Non
     """OtaError for a member that would land outside the target, or too much content."""
     for name in names:
         if not _safe_name(name):
-            raise OtaError(f"package refused: member {name!r} would land outside the "
-                           "version directory")
+            raise OtaError(f"package refused: member {clip(repr(name))} would land outside "
+                           "the version directory")
     if unpacked_bytes > max_bytes:
         raise OtaError(f"package refused: it unpacks to more than {max_bytes} bytes")
 
@@ -222,17 +241,60 @@ def _unpack_zip(package: Path, dest: Path, max_bytes: int) -> None:
         archive.extractall(dest)
 
 
-def _unpack_tar(package: Path, dest: Path, max_bytes: int) -> None:
+#: Whether this Python's tarfile has the extraction filters (3.11.4 and later; Debian
+#: bookworm's 3.11.2, the system Python of Raspberry Pi OS, has not).
+HAS_TAR_FILTER = hasattr(tarfile, "data_filter")
+
+
+def _unpack_tar(package: Path, dest: Path, max_bytes: int,
+                use_filter: bool = HAS_TAR_FILTER) -> None:
+    """Extract a tar after checking every member ourselves (the same rules on every
+    Python): regular files, directories and links only; no set-id bits, no ownership
+    taken from the archive. With tarfile's ``data`` filter (when this Python has it)
+    links are also checked where they really point; without it, a link must point
+    downwards (no ``..``, not absolute) and no member may be reached through a link."""
     try:
         with tarfile.open(package) as archive:
             members = archive.getmembers()
             _check_members([m.name for m in members],
                            sum(m.size for m in members if m.isfile()), max_bytes)
-            archive.extractall(dest, filter="data")
-    except tarfile.FilterError as exc:
-        raise OtaError(f"package refused: {exc}") from None
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
-        raise OtaError(f"the package is not a readable archive: {exc}") from None
+            _check_tar_members(members, strict_links=not use_filter)
+            if use_filter:
+                archive.extractall(dest, members=members, numeric_owner=True,
+                                   filter="data")
+            else:
+                archive.extractall(dest, members=members, numeric_owner=True)
+    except OtaError:
+        raise
+    except tarfile.TarError as exc:
+        if isinstance(exc, getattr(tarfile, "FilterError", ())):
+            raise OtaError(f"package refused: {clip(exc, 500)}") from None
+        raise OtaError(f"the package is not a readable archive: {clip(exc, 500)}") from None
+
+
+def _check_tar_members(members: list[tarfile.TarInfo], strict_links: bool) -> None:
+    uid, gid = os.getuid(), os.getgid()
+    links = {PurePosixPath(m.name) for m in members if m.issym() or m.islnk()}
+    for member in members:
+        shown = clip(repr(member.name))
+        if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+            raise OtaError(f"package refused: member {shown} is a device, a FIFO or another "
+                           "special file")
+        path = PurePosixPath(member.name)
+        if strict_links and any(parent in links for parent in path.parents):
+            raise OtaError(f"package refused: member {shown} lies below a link")
+        if member.issym() or member.islnk():
+            target = member.linkname.replace("\\", "/")
+            if member.islnk() and not _safe_name(target):
+                raise OtaError(f"package refused: hard link {shown} points outside")
+            if member.issym() and (target.startswith("/") or (
+                    strict_links and ".." in PurePosixPath(target).parts)):
+                raise OtaError(f"package refused: symbolic link {shown} -> "
+                               f"{clip(repr(target))} may point outside the version "
+                               "directory" + ("" if not strict_links else
+                                              " (links with '..' need Python 3.11.4+)"))
+        member.mode = (member.mode or 0o644) & 0o755 | (0o700 if member.isdir() else 0o600)
+        member.uid, member.gid, member.uname, member.gname = uid, gid, "", ""
 
 
 def _remove_tree(path: Path) -> None:
@@ -265,7 +327,7 @@ class OtaManager:
         self.supervisor = supervisor
         self._publish = publish
         self._report_cb = report
-        self.state = StateFile(state_path)
+        self.state = StateFile(state_path, on_damage=self._state_damaged)
         self.poll_s = poll_s
         self.download_dir = settings.data_dir / "ota"
         self._wake = asyncio.Event()
@@ -273,6 +335,15 @@ class OtaManager:
         self._reconnected = asyncio.Event()
         self._pending: tuple[str, int, asyncio.Future[bytes]] | None = None
         self._attribute_request = 0
+
+    def _state_damaged(self, loaded: Loaded) -> None:
+        """``ota.json`` was damaged (and moved aside): whatever update it described is
+        resolved as failed, with the reason; ThingsBoard's next announcement starts over."""
+        error = (f"the OTA state was damaged and the update in progress (if any) is "
+                 f"abandoned: {loaded.damage}")
+        store_state(self.state.path, {"phase": P_FAILED, "error": clip(error)})
+        self._discard_partials()
+        self._report(FAILED, sw_error=clip(error))
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -298,22 +369,26 @@ class OtaManager:
             self.state.update(desired=None)
             return
         try:
-            version = check_version(str(version))
+            version = check_version(clip(version, 200))
         except ValueError as exc:
-            self._report(FAILED, sw_error=str(exc))
+            self._report(FAILED, sw_error=clip(exc, 1000))
+            return
+        url = changes.get("sw_url")
+        if url and len(str(url)) > MAX_URL_CHARS:
+            self._report(FAILED, sw_error=f"sw_url is longer than {MAX_URL_CHARS} characters")
             return
         saved = self.state.read()
-        title = str(changes.get("sw_title") or version)
+        title = clip(changes.get("sw_title") or version, 200)
         desired: dict[str, Any] = {"title": title, "version": version}
-        if changes.get("sw_url"):
-            desired.update(kind=URL, url=str(changes["sw_url"]),
-                           checksum=str(changes.get("sw_checksum") or ""),
-                           algorithm=str(changes.get("sw_checksum_algorithm") or "SHA256"),
+        if url:
+            desired.update(kind=URL, url=str(url),
+                           checksum=clip(changes.get("sw_checksum") or "", 200),
+                           algorithm=clip(changes.get("sw_checksum_algorithm") or "SHA256", 40),
                            size=changes.get("sw_size"))
             self.state.update(package_info=desired)
         elif changes.get("sw_checksum"):
-            desired.update(kind=PACKAGE, checksum=str(changes["sw_checksum"]),
-                           algorithm=str(changes.get("sw_checksum_algorithm") or "SHA256"),
+            desired.update(kind=PACKAGE, checksum=clip(changes["sw_checksum"], 200),
+                           algorithm=clip(changes.get("sw_checksum_algorithm") or "SHA256", 40),
                            size=changes.get("sw_size"))
             self.state.update(package_info=desired)
         else:
@@ -451,11 +526,15 @@ class OtaManager:
                     self.state.update(phase=P_VERIFIED)
                     self._report(VERIFIED)
                 await self._unpack(job, part)
-        except OtaError as exc:
-            self._fail_job(job, str(exc), None)
+        except (OtaError, ControllerError) as exc:
+            self._fail_job(job, clip(exc, 1000), None)
             return
-        except ControllerError as exc:
-            self._fail_job(job, str(exc), None)
+        except Exception as exc:
+            # Whatever else goes wrong before the switch ends this job, with the reason:
+            # retrying the same step for ever would leave the device stuck.
+            log.exception("controller update to %s: unexpected failure", version)
+            self._fail_job(job, f"unexpected failure: {type(exc).__name__}: {clip(exc, 500)}",
+                           None)
             return
         await self._switch(job)
 
@@ -584,7 +663,8 @@ class OtaManager:
             download = UrlDownload(
                 job["url"], part, size=size if isinstance(size, int) and size >= 0 else None,
                 max_bytes=ota.max_package_bytes, context=tls_context(ota.url_ca_cert),
-                timeout_s=ota.chunk_timeout_s, superseded=lambda: self._superseded(job))
+                timeout_s=ota.chunk_timeout_s, superseded=lambda: self._superseded(job),
+                allow_http=ota.allow_http)
             if part.exists() and part.stat().st_size:
                 self.state.update(job={**job, "restarted": True})
                 job["restarted"] = True
@@ -615,7 +695,7 @@ class OtaManager:
                         "the start", job["version"])
             raise _Refetch
         raise OtaError(f"checksum mismatch: {algorithm} of the downloaded package is "
-                       f"{actual}, ThingsBoard announced {expected}")
+                       f"{actual}, ThingsBoard announced {clip(expected)}")
 
     async def _unpack(self, job: dict[str, Any], part: Path) -> None:
         dest = version_dir(self.settings, job["version"])

@@ -28,16 +28,18 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from teg_gateway.bounds import clip
 from teg_gateway.config import RestartSettings
-from teg_gateway.fsutil import atomic_write_json, read_json
 from teg_gateway.local.topics import RESTART_CAPABILITY
 from teg_gateway.mqttlink import ConnectionLost
+from teg_gateway.store.state import Loaded, load_state, store_state
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,17 @@ def describe_timeout(seconds: float) -> str:
         return f"{minutes} minute{'s' if minutes != 1 else ''}"
     whole = int(seconds) if float(seconds).is_integer() else seconds
     return f"{whole} second{'s' if whole != 1 else ''}"
+
+
+_PENDING_ID = re.compile(r'"pending"\s*:\s*\{.*?"id"\s*:\s*"([A-Za-z0-9._:@+-]{1,200})"',
+                         re.DOTALL)
+
+
+def recover_pending_id(raw: bytes) -> str | None:
+    """The id of the pending command in what is left of a damaged state file, if it can
+    be found (the file is written with sorted keys: ``pending`` then its ``id``)."""
+    match = _PENDING_ID.search(raw.decode("utf-8", errors="replace"))
+    return match[1] if match else None
 
 
 def read_boot_id(path: str) -> str:
@@ -87,17 +100,43 @@ class RestartOperation:
         self.report = report
         self._tasks: set[asyncio.Task[None]] = set()
         self._busy = False
+        self._finishing: set[str] = set()
         # An RPC reboot on its way through the local bus: (command id, when asked).
         self._requested: tuple[str, float] | None = None
 
     # -- persisted state ------------------------------------------------------------------
 
     def _state(self) -> dict[str, Any]:
-        value = read_json(self.state_path)
-        return value if isinstance(value, dict) else {}
+        loaded = load_state(self.state_path)
+        if loaded.damage is None:
+            return loaded.value
+        return self._state_damaged(loaded)
 
     def _save(self, state: dict[str, Any]) -> None:
-        atomic_write_json(self.state_path, state)
+        store_state(self.state_path, state)
+
+    def _state_damaged(self, loaded: Loaded) -> dict[str, Any]:
+        """``restart.json`` was damaged (and moved aside): the command it held is
+        resolved as failed; its outcome is published when its id can be recovered from
+        what is left of the file, and reported as telemetry in any case."""
+        reason = clip(f"The gateway's restart state was damaged: {loaded.damage}", 1000)
+        command_id = recover_pending_id(loaded.raw)
+        self.report({"restart_status": "failed", "restart_reason": reason,
+                     "restart_id": command_id or ""})
+        state: dict[str, Any] = {}
+        if command_id is None:
+            log.error("restart: no pending command could be recovered from the damaged "
+                      "state file")
+            return state
+        record = {"id": command_id, "topic": f"{RESTART_CAPABILITY}/{command_id}",
+                  "command": {"status": "failed", "reason": reason}, "phase": "final",
+                  "via_bus": True}
+        self._finished(state)[command_id] = record
+        self._remember(state, command_id)
+        self._save(state)
+        log.error("restart %s failed: %s", command_id, reason)
+        self._spawn(self._finish(record, reported=True))
+        return state
 
     def pending(self) -> dict[str, Any] | None:
         """The command being executed, if any."""
@@ -142,8 +181,8 @@ class RestartOperation:
             return  # the requester cleared the command
         try:
             command = json.loads(payload)
-        except ValueError:
-            log.warning("restart command %s is not JSON; ignored", command_id)
+        except (ValueError, RecursionError):
+            log.warning("restart command %s is not JSON; ignored", clip(command_id))
             return
         if not isinstance(command, dict) or command.get("status") != "init":
             return
@@ -233,7 +272,7 @@ class RestartOperation:
         state["pending"] = pending
         self._save(state)
         self.report({"restart_status": "executing", "restart_reason": "",
-                     "restart_id": command_id})
+                     "restart_id": clip(command_id)})
         if pending["via_bus"] and not await self._publish(topic, command):
             await self._decide(pending, "failed", "The executing state could not be published "
                                                   "on the local broker")
@@ -295,13 +334,25 @@ class RestartOperation:
         self._busy = False
         await self._finish(record)
 
-    async def _finish(self, record: dict[str, Any]) -> None:
+    async def _finish(self, record: dict[str, Any], reported: bool = False) -> None:
         """Report the outcome, publish it (until the broker acknowledges it), and forget
         the command then."""
+        command_id = str(record.get("id"))
+        if command_id in self._finishing:
+            return  # already on its way
+        self._finishing.add(command_id)
+        try:
+            await self._finish_once(record, reported)
+        finally:
+            self._finishing.discard(command_id)
+
+    async def _finish_once(self, record: dict[str, Any], reported: bool) -> None:
         command = record["command"]
         command_id = str(record.get("id"))
-        self.report({"restart_status": command.get("status"),
-                     "restart_reason": command.get("reason", ""), "restart_id": command_id})
+        if not reported:
+            self.report({"restart_status": command.get("status"),
+                         "restart_reason": clip(command.get("reason", ""), 1000),
+                         "restart_id": clip(command_id)})
         topic = record.get("topic") or f"{RESTART_CAPABILITY}/{command_id}"
         if record.get("via_bus", True):
             while not await self._publish(topic, command):

@@ -14,6 +14,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from teg_gateway.bounds import ERROR_LIMIT, REPLY_LIMIT, clip, show
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -91,30 +93,61 @@ class RpcDispatcher:
 
     async def _serve(self, request_id: str, payload: bytes) -> None:
         current_request_id.set(request_id)
+        shown_id = clip(request_id, 64)
         try:
             method, params = parse_request(payload)
             entry = self.methods.get(method)
             if entry is None:
-                raise RpcError(f"unknown method {method!r}; the method 'list' shows them all")
+                raise RpcError(f"unknown method {show(method, 100)}; the method 'list' shows "
+                               "them all")
             result = await asyncio.wait_for(entry.handler(params), self.timeout_s)
-            self._reply(request_id, {"message": result})
-            log.info("RPC %s (%s) answered", method, request_id)
+            self._send(request_id, {"message": result})
+            log.info("RPC %s (%s) answered", method, shown_id)
         except RpcError as exc:
-            log.warning("RPC %s refused: %s", request_id, exc)
-            self._reply(request_id, {"message": str(exc), "error": True})
+            log.warning("RPC %s refused: %s", shown_id, clip(exc, ERROR_LIMIT))
+            self._send(request_id, {"message": clip(exc, ERROR_LIMIT), "error": True})
         except TimeoutError:
-            log.error("RPC %s did not finish in %.0f s", request_id, self.timeout_s)
-            self._reply(request_id, {"message": "timed out", "error": True})
+            log.error("RPC %s did not finish in %.0f s", shown_id, self.timeout_s)
+            self._send(request_id, {"message": "timed out", "error": True})
         except Exception as exc:
-            log.exception("RPC %s failed", request_id)
-            self._reply(request_id, {"message": f"internal error: {exc}", "error": True})
+            log.exception("RPC %s failed", shown_id)
+            self._send(request_id, {"message": f"internal error: {type(exc).__name__}: "
+                                               f"{clip(exc)}", "error": True})
+
+    def _send(self, request_id: str, reply: dict[str, Any]) -> None:
+        """Reply, bounded: a reply above REPLY_LIMIT bytes is cut and says so."""
+        self._reply(request_id, bound_reply(reply))
+
+
+def bound_reply(reply: dict[str, Any], limit: int = REPLY_LIMIT) -> dict[str, Any]:
+    """``reply`` when its JSON fits in ``limit`` bytes; else its message as the start of
+    its JSON text, with ``"truncated": true`` and the full size."""
+    try:
+        size = len(json.dumps(reply, default=str).encode())
+    except (ValueError, TypeError, RecursionError) as exc:
+        return {"message": f"the reply cannot be encoded: {clip(exc)}", "error": True}
+    if size <= limit:
+        return reply
+    message = reply.get("message")
+    text = message if isinstance(message, str) else json.dumps(message, default=str,
+                                                                 ensure_ascii=False)
+    keep = limit - 1024
+    while True:  # escaping can make the kept start longer: shrink until it fits
+        cut: dict[str, Any] = {
+            "message": text[:keep], "truncated": True, "size_bytes": size,
+            "note": f"the reply was {size} bytes; the message holds the start of it"}
+        if reply.get("error"):
+            cut["error"] = True
+        if len(json.dumps(cut).encode()) <= limit or keep == 0:
+            return cut
+        keep //= 2
 
 
 def parse_request(payload: bytes) -> tuple[str, dict[str, Any]]:
     """(method, params) of a request; params default to {} and must be an object."""
     try:
         request = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise RpcError("request is not valid JSON") from None
     if not isinstance(request, dict):
         raise RpcError("request is not a JSON object")
@@ -127,7 +160,7 @@ def parse_request(payload: bytes) -> tuple[str, dict[str, Any]]:
     if isinstance(params, str):
         try:
             params = json.loads(params)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RpcError("params is a string that is not JSON") from None
     if not isinstance(params, dict):
         raise RpcError("params must be a JSON object")
@@ -137,8 +170,15 @@ def parse_request(payload: bytes) -> tuple[str, dict[str, Any]]:
 
 
 
-def require_int(params: dict[str, Any], name: str) -> int:
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def require_int(params: dict[str, Any], name: str, low: int = INT64_MIN,
+                high: int = INT64_MAX) -> int:
+    """The integer param ``name`` within [low, high] (a 64-bit integer by default)."""
     value = params.get(name)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RpcError(f"param {name!r} must be an integer, got {value!r}")
+        raise RpcError(f"param {name!r} must be an integer, got {show(value)}")
+    if not low <= value <= high:
+        raise RpcError(f"param {name!r} must be from {low} to {high}, got {show(value)}")
     return value
