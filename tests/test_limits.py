@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from teg_gateway.cloud import limits as limits_module
 from teg_gateway.cloud.limits import (
     Bucket,
     LimitsError,
@@ -17,6 +18,12 @@ from teg_gateway.cloud.limits import (
     parse_rate_limit,
 )
 from teg_gateway.config import ConfigError, load_settings
+
+
+@pytest.fixture
+def no_latency(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bucket arithmetic alone, without the allowance for a publish in transit."""
+    monkeypatch.setattr(limits_module, "LATENCY_ALLOWANCE_S", 0.0)
 
 
 class FakeClock:
@@ -61,6 +68,7 @@ def test_configured_limits_are_validated_with_the_setting_named(tmp_path: Any) -
                       flags={"thingsboard.max_payload_bytes": "10"})
 
 
+@pytest.mark.usefixtures("no_latency")
 def test_bucket_starts_full_and_refills_continuously_in_every_window() -> None:
     clock = FakeClock()
     bucket = Bucket(parse_rate_limit("10:1,30:60"), clock())
@@ -84,6 +92,7 @@ def test_bucket_starts_full_and_refills_continuously_in_every_window() -> None:
     assert bucket.rate == 0.5
 
 
+@pytest.mark.usefixtures("no_latency")
 def test_the_pacer_keeps_a_reserve_of_messages_for_operations() -> None:
     clock = FakeClock()
     pacer = Pacer(clock)
@@ -101,6 +110,7 @@ def test_the_pacer_keeps_a_reserve_of_messages_for_operations() -> None:
     assert pacer.operation_delay() == pytest.approx(0.1)
 
 
+@pytest.mark.usefixtures("no_latency")
 def test_telemetry_waits_for_every_kind_of_token() -> None:
     clock = FakeClock()
     pacer = Pacer(clock)
@@ -122,6 +132,7 @@ def test_telemetry_waits_for_every_kind_of_token() -> None:
     assert pacer.outbox_delay(telemetry=False, points=0) == 0
 
 
+@pytest.mark.usefixtures("no_latency")
 def test_buckets_survive_a_reconnect_and_a_changed_limit_starts_empty() -> None:
     clock = FakeClock()
     pacer = Pacer(clock)
@@ -138,6 +149,21 @@ def test_buckets_survive_a_reconnect_and_a_changed_limit_starts_empty() -> None:
     pacer.apply(SessionLimits())
     assert pacer.outbox_delay(telemetry=True, points=100000) == 0
     assert pacer.max_points() is None
+
+
+def test_a_take_from_a_full_window_allows_for_the_publish_in_transit() -> None:
+    """The server's window stays full until the publish arrives: the refill it could not
+    store meanwhile is lost to it, so it is taken from the gateway's copy too."""
+    clock = FakeClock()
+    bucket = Bucket(parse_rate_limit("50:1"), clock())
+    bucket.take(50, clock())
+    allowance = limits_module.LATENCY_ALLOWANCE_S
+    assert bucket.delay(50, clock()) == pytest.approx(1.0 + allowance)
+    # From a window that is not full, nothing more is taken: the server refills as we do.
+    clock.advance(1.0)
+    # 25 tokens now: taking 10 leaves 15, and the window is not full before 0.7 s.
+    bucket.take(10, clock())
+    assert bucket.delay(35, clock()) == pytest.approx(0.4)
 
 
 def test_a_cut_empties_the_buckets() -> None:

@@ -339,11 +339,12 @@ def test_oversize_message_is_a_dead_letter_and_other_kinds_go_one_per_publish(
 
         batches = drain(outbox)
 
+        # Client attributes go ahead of the telemetry, one per publish.
         assert [(b.kind, b.count) for b in batches] == [
-            (TELEMETRY, 2), (ATTRIBUTES, 1), (ATTRIBUTES, 1), (TELEMETRY, 1)]
-        assert [r["values"]["seq"] for r in batch_records(batches[0])] == [0, 2]
-        assert json.loads(batches[1].payload) == {"attr": 1}
-        assert batches[1].topic == "v1/devices/me/attributes"
+            (ATTRIBUTES, 1), (ATTRIBUTES, 1), (TELEMETRY, 3)]
+        assert [r["values"]["seq"] for r in batch_records(batches[2])] == [0, 2, 3]
+        assert json.loads(batches[0].payload) == {"attr": 1}
+        assert batches[0].topic == "v1/devices/me/attributes"
         letters = stores.conn.execute(
             "SELECT type, message, reason FROM dead_letter ORDER BY id").fetchall()
         assert [(t, json.loads(m)) for t, m, _ in letters] == [
@@ -379,8 +380,9 @@ def test_batches_fit_the_server_limits_and_what_never_fits_is_a_dead_letter(
     assert sent == [1] + [10 + i for i in range(30)]
     reasons = [r for (r,) in stores.conn.execute("SELECT reason FROM dead_letter ORDER BY id")]
     assert len(reasons) == 3
-    assert "5 data points" in reasons[0] and "at most 4" in reasons[0]
-    assert "at most 300 bytes" in reasons[1] and "at most 300 bytes" in reasons[2]
+    # The attribute first (attributes go ahead), then the telemetry in order.
+    assert all("at most 300 bytes" in reasons[i] for i in (0, 2))
+    assert "5 data points" in reasons[1] and "at most 4" in reasons[1]
     assert outbox.depth() == 31
 
 

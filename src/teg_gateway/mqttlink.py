@@ -188,6 +188,12 @@ class MqttConnection:
         ConnectRefused, ConnectionLost or TimeoutError."""
         self.client.connect_timeout = min(timeout, 30.0)
         await asyncio.to_thread(self.client.connect, host, port, self.keepalive)
+        sock = self.client.socket()
+        if isinstance(sock, socket.socket):
+            # A publish goes out at once, not held back to be merged with the next one:
+            # lower latency, and the server sees publishes when the pacing sent them.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.loop_start()
         try:
             await asyncio.wait_for(asyncio.shield(self._connack), timeout)

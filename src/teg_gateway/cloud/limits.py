@@ -32,6 +32,10 @@ Clock = Callable[[], float]
 
 # Share of each messages window kept for operations (RPC replies, requests).
 OPERATIONS_RESERVE = 0.2
+# A publish may reach the server this long after it was sent (a slow link, a TCP stack
+# holding a segment back). While the server's window is full, what it would have refilled
+# meanwhile is lost to it, but not to the gateway's copy: that much is taken too.
+LATENCY_ALLOWANCE_S = 0.5
 # Largest count or period accepted in a limit (a typo such as 10:100000000 stays sane).
 MAX_WINDOW_VALUE = 10**9
 RATE_LIMIT_KINDS = ("messages", "telemetryMessages", "telemetryDataPoints")
@@ -104,9 +108,15 @@ class Bucket:
         return wait
 
     def take(self, tokens: float, now: float) -> None:
-        """Use ``tokens`` (levels may go below zero: the debt is paid by waiting)."""
+        """Use ``tokens`` (levels may go below zero: the debt is paid by waiting).
+
+        A window that would fill up before the publish reaches the server also gives up
+        the refill the server cannot store (see LATENCY_ALLOWANCE_S)."""
         self._refill(now)
-        self._levels = [level - tokens for level in self._levels]
+        self._levels = [
+            level - tokens - min(tokens, max(0.0, level + w.rate * LATENCY_ALLOWANCE_S
+                                             - w.capacity))
+            for w, level in zip(self.windows, self._levels, strict=True)]
 
     def empty(self, now: float) -> None:
         """Assume every window is used up (after the server cut the connection)."""

@@ -34,6 +34,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     body TEXT NOT NULL,
     created_ms INTEGER NOT NULL
 );
+-- Client attributes go out ahead of the telemetry backlog: found without a scan of it.
+CREATE INDEX IF NOT EXISTS outbox_not_telemetry ON outbox (id) WHERE kind <> 0;
 CREATE TABLE IF NOT EXISTS dead_letter (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue_id INTEGER,
@@ -92,6 +94,11 @@ class Outbox:
         self.count_points = False
         self._read_upto = 0
         self._ahead: deque[Row] = deque()
+        # Messages other than telemetry (client attributes): read on a cursor of their own
+        # and sent first. ``_others_maybe``: there may be some not read yet.
+        self._others_upto = 0
+        self._others: deque[Row] = deque()
+        self._others_maybe = True
         # Ranges ThingsBoard acknowledged whose delete failed (a full disk, say): never
         # sent again, deleted again later.
         self._unsettled: list[tuple[int, int]] = []
@@ -119,6 +126,8 @@ class Outbox:
                 "INSERT INTO outbox (kind, body, created_ms) VALUES (?, ?, ?)", rows)
             if refused:
                 add_dead_letters(self.conn, refused)
+        if kind != TELEMETRY:
+            self._others_maybe = True
 
     def put_telemetry(self, values: dict[str, object], ts_ms: int | None = None) -> None:
         self.put(TELEMETRY, [telemetry_body(values, ts_ms)])
@@ -132,12 +141,18 @@ class Outbox:
                    max_points: int | None = None) -> Batch | None:
         """The next publish after those already handed out, or None when all are out.
 
+        Client attributes go first, one row per publish, ahead of the telemetry backlog.
         Telemetry rows are packed into one JSON array of at most ``max_bytes`` bytes
-        (default ``max_record_bytes`` + 2) and ``max_points`` data points; any other kind
-        goes one row per publish. A row that could never be sent within these limits goes
-        to the dead letters, with the reason, and the next row is taken.
+        (default ``max_record_bytes`` + 2) and ``max_points`` data points. A row that could
+        never be sent within these limits goes to the dead letters, with the reason, and
+        the next row is taken.
         """
         limit = self.max_record_bytes + 2 if max_bytes is None else max_bytes
+        while (other := self._next_other()) is not None:
+            reason = _never_fits(other, limit, max_points)
+            if reason is None:
+                return Batch(other[0], other[0], other[1], 1, other[2], 0, (other,))
+            self.dead_letter_rows([other[0]], reason)
         while True:
             row = self._next_row()
             if row is None:
@@ -146,9 +161,7 @@ class Outbox:
             if reason is None:
                 break
             self.dead_letter_rows([row[0]], reason)
-        first_id, kind, body, points = row
-        if kind != TELEMETRY:
-            return Batch(first_id, first_id, kind, 1, body, 0, (row,))
+        first_id, _kind, body, points = row
         rows = [row]
         size = len(body) + 2
         total = points
@@ -156,8 +169,8 @@ class Outbox:
             following = self._peek_row()
             if following is None:
                 break
-            _, next_kind, next_body, next_points = following
-            if next_kind != TELEMETRY or size + len(next_body) + 1 > limit or (
+            _, _, next_body, next_points = following
+            if size + len(next_body) + 1 > limit or (
                     max_points is not None and total + next_points > max_points):
                 break
             self._ahead.popleft()
@@ -167,9 +180,22 @@ class Outbox:
         return Batch(first_id, rows[-1][0], TELEMETRY, len(rows),
                      b"[" + b",".join(r[2] for r in rows) + b"]", total, tuple(rows))
 
+    def _next_other(self) -> Row | None:
+        if not self._others and self._others_maybe:
+            rows = self.conn.execute(
+                "SELECT id, kind, CAST(body AS BLOB), 0 FROM outbox WHERE kind <> 0 AND id > ? "
+                "ORDER BY id LIMIT 64", (self._others_upto,)).fetchall()
+            if rows:
+                self._others_upto = rows[-1][0]
+                self._others.extend(r for r in rows if not self._is_unsettled(r[0]))
+            else:
+                self._others_maybe = False
+        return self._others.popleft() if self._others else None
+
     def put_back(self, batch: Batch) -> None:
         """Hand ``batch`` out again with the next call (it was not sent)."""
-        self._ahead.extendleft(reversed(batch.rows))
+        queue = self._ahead if batch.kind == TELEMETRY else self._others
+        queue.extendleft(reversed(batch.rows))
 
     def _next_row(self) -> Row | None:
         row = self._peek_row()
@@ -186,7 +212,8 @@ class Outbox:
         points = POINTS_SQL if self.count_points else "0"
         rows = self.conn.execute(
             f"SELECT id, kind, CAST(body AS BLOB), {points} FROM outbox "
-            "WHERE id > ? ORDER BY id LIMIT ?", (self._read_upto, READ_AHEAD)).fetchall()
+            "WHERE kind = 0 AND id > ? ORDER BY id LIMIT ?",
+            (self._read_upto, READ_AHEAD)).fetchall()
         if rows:
             self._read_upto = rows[-1][0]
             if self._unsettled:
@@ -206,6 +233,9 @@ class Outbox:
         """Forget what was handed out: the next batch starts at the oldest row again."""
         self._read_upto = 0
         self._ahead.clear()
+        self._others_upto = 0
+        self._others.clear()
+        self._others_maybe = True
 
     def ack(self, batches: Iterable[Batch]) -> int:
         """Delete acknowledged batches; returns the number of records removed.
