@@ -1,0 +1,219 @@
+"""systemd notification: the protocol module alone, then a real gateway process talking to a
+Unix datagram socket the test binds, as systemd would (path and abstract forms)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import GatewayFactory, needs_mosquitto
+from teg_gateway.systemd import (
+    STATUS_PERIOD_S,
+    Notifier,
+    socket_address,
+    status_line,
+    watchdog_interval_s,
+)
+
+
+class Listener:
+    """A bound Unix datagram socket collecting what the gateway sends, like systemd."""
+
+    def __init__(self, abstract: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        if abstract:
+            name = f"teg-test-{uuid.uuid4().hex}"
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            # A short directory: Unix socket paths are limited to about 100 bytes.
+            self._dir = tempfile.TemporaryDirectory(prefix="teg-notify-")
+            self.address = str(Path(self._dir.name) / "notify.sock")
+            self.sock.bind(self.address)
+        self.messages: list[str] = []
+
+    def receive(self, seconds: float) -> list[str]:
+        """Collect every datagram's lines for ``seconds``; returns the lines received."""
+        got: list[str] = []
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                break
+            got.extend(data.decode().split("\n"))
+        self.messages.extend(got)
+        return got
+
+    def wait_for(self, line: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while line not in self.messages and time.monotonic() < deadline:
+            self.receive(min(0.2, deadline - time.monotonic()))
+        assert line in self.messages, f"{line!r} not received in {timeout:g} s: {self.messages}"
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._dir is not None:
+            self._dir.cleanup()
+
+
+@pytest.fixture
+def listener() -> Iterator[Listener]:
+    made = Listener()
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def abstract_listener() -> Iterator[Listener]:
+    made = Listener(abstract=True)
+    yield made
+    made.close()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def unreachable_thingsboard(notify_socket: str) -> dict[str, str]:
+    return {"NOTIFY_SOCKET": notify_socket, "WATCHDOG_USEC": "2000000",
+            "TB_HOST": "127.0.0.1", "TB_PORT": str(closed_port())}
+
+
+# -- the protocol --------------------------------------------------------------------------
+
+
+def test_socket_addresses() -> None:
+    assert socket_address("/run/systemd/notify") == "/run/systemd/notify"
+    assert socket_address("@teg/notify") == b"\0teg/notify"
+    assert socket_address("@") is None
+    assert socket_address("vsock:2:1234") is None
+    assert socket_address("relative/path") is None
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec_for_our_pid_only() -> None:
+    assert watchdog_interval_s({"WATCHDOG_USEC": "30000000"}, 42) == 15.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "42"}, 42) == 1.0
+    assert watchdog_interval_s({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "43"}, 42) is None
+    assert watchdog_interval_s({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "x"}, 42) is None
+    assert watchdog_interval_s({}, 42) is None
+    assert watchdog_interval_s({"WATCHDOG_USEC": "0"}, 42) is None
+    assert watchdog_interval_s({"WATCHDOG_USEC": "soon"}, 42) is None
+
+
+def test_from_environment_reads_and_removes_the_variables(listener: Listener) -> None:
+    env = {"NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "4000000",
+           "WATCHDOG_PID": str(os.getpid()), "OTHER": "kept"}
+    notifier = Notifier.from_environment(env)
+    assert notifier.enabled and notifier.watchdog_s == 2.0
+    assert env == {"OTHER": "kept"}  # children (controller, reboot) do not inherit them
+    notifier.ready("starting")
+    notifier.ping()
+    notifier.stopping()
+    notifier.close()
+    assert listener.receive(0.5) == ["READY=1", "STATUS=starting", "WATCHDOG=1",
+                                     "STOPPING=1", "STATUS=shutting down"]
+
+
+def test_without_notify_socket_nothing_is_sent() -> None:
+    notifier = Notifier.from_environment({"WATCHDOG_USEC": "2000000"})
+    assert not notifier.enabled and notifier.watchdog_s is None
+    notifier.ready()
+    notifier.ping()
+    assert not notifier.status("x")
+    assert notifier.sent == 0
+    asyncio.run(asyncio.wait_for(notifier.run(lambda: "x"), 1.0))  # returns at once
+
+
+def test_a_missing_socket_is_logged_once_and_never_raises(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    notifier = Notifier(str(tmp_path / "absent.sock"), 1.0)
+    for _ in range(3):
+        notifier.ping()
+    assert notifier.sent == 0
+    assert len([r for r in caplog.records if "cannot notify systemd" in r.message]) == 1
+
+
+def test_status_is_sent_when_it_changes_at_most_once_a_second(listener: Listener) -> None:
+    now = [100.0]
+    notifier = Notifier(listener.address, None, clock=lambda: now[0])
+    assert notifier.status("ThingsBoard: connecting")
+    assert not notifier.status("ThingsBoard: connecting")  # unchanged
+    now[0] += STATUS_PERIOD_S / 2
+    assert not notifier.status("ThingsBoard: connected")  # changed, but too soon
+    now[0] += STATUS_PERIOD_S / 2
+    assert notifier.status("ThingsBoard: connected\nsecond line")
+    assert listener.receive(0.5) == ["STATUS=ThingsBoard: connecting",
+                                     "STATUS=ThingsBoard: connected second line"]
+
+
+def test_status_line() -> None:
+    line = status_line({"thingsboard": "connected", "outbox_depth": 12,
+                        "controller": "running", "uptime_s": 3.0})
+    assert line == "ThingsBoard: connected; outbox: 12 waiting; controller: running"
+
+
+def test_run_pings_and_survives_a_failing_status(listener: Listener) -> None:
+    def broken() -> str:
+        raise RuntimeError("database closed")
+
+    async def main() -> None:
+        notifier = Notifier(listener.address, 0.05)
+        task = asyncio.ensure_future(notifier.run(broken))
+        await asyncio.sleep(0.3)
+        task.cancel()
+
+    asyncio.run(main())
+    assert listener.receive(0.5).count("WATCHDOG=1") >= 3
+
+
+# -- a real gateway -------------------------------------------------------------------------
+
+
+@needs_mosquitto
+def test_gateway_ready_watchdog_status_stopping(make_gateway: GatewayFactory,
+                                                listener: Listener) -> None:
+    gateway = make_gateway(env=unreachable_thingsboard(listener.address))
+    gateway.start()
+    try:
+        # Ready without ThingsBoard: the databases are open and intake runs.
+        listener.wait_for("READY=1", timeout=20)
+    except AssertionError:
+        raise AssertionError(gateway.log_tail()) from None
+    window = 5.0
+    pings = listener.receive(window).count("WATCHDOG=1")
+    # A ping every second (half of WATCHDOG_USEC): about 5 in the window; 3 leaves margin
+    # for a busy machine while still proving the pings repeat.
+    assert pings >= 3, (pings, listener.messages)
+    status = [m for m in listener.messages if m.startswith("STATUS=")]
+    assert status and "ThingsBoard: " in status[0] and "outbox: " in status[0], status
+    gateway.signal(signal.SIGTERM)
+    listener.wait_for("STOPPING=1", timeout=10)
+    assert gateway.wait(30) == 0, gateway.log_tail()
+
+
+@needs_mosquitto
+def test_gateway_abstract_notify_socket(make_gateway: GatewayFactory,
+                                        abstract_listener: Listener) -> None:
+    gateway = make_gateway(env=unreachable_thingsboard(abstract_listener.address))
+    gateway.start()
+    abstract_listener.wait_for("READY=1", timeout=20)
+    abstract_listener.wait_for("WATCHDOG=1", timeout=10)
+    gateway.signal(signal.SIGTERM)
+    abstract_listener.wait_for("STOPPING=1", timeout=10)
+    assert gateway.wait(30) == 0, gateway.log_tail()
