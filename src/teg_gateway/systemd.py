@@ -173,3 +173,37 @@ def status_line(values: Mapping[str, object]) -> str:
     return (f"ThingsBoard: {values.get('thingsboard')}; "
             f"outbox: {values.get('outbox_depth')} waiting; "
             f"controller: {values.get('controller')}")
+
+
+def start_condition(argv: list[str] | None = None,
+                    env: Mapping[str, str] | None = None) -> int:
+    """The unit's ``ExecCondition=``: 0 (start) when the settings name a ThingsBoard host,
+    1 (skip, not a failure) when they do not yet. A configuration that does not load
+    answers 0 too, so the gateway itself starts and reports the error."""
+    import argparse  # noqa: PLC0415 (only for this entry point)
+    import sys  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from teg_gateway.config import ConfigError, load_settings  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="python -m teg_gateway.systemd",
+        description="Exit 0 if the gateway's settings name a ThingsBoard host, else 1.")
+    parser.add_argument("--config", type=Path, default=None, metavar="PATH")
+    args = parser.parse_args(argv)
+    env = os.environ if env is None else env
+    try:
+        settings = load_settings(args.config, env, require_data=False)
+    except ConfigError:
+        return 0
+    if settings.thingsboard.host.strip():
+        return 0
+    where = f" (or thingsboard.host in {args.config})" if args.config else ""
+    print(f"teg-gateway: not starting: no ThingsBoard host configured yet; set TB_HOST in "
+          f"the environment file{where}, then: systemctl restart teg-gateway",
+          file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(start_condition())
