@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -217,3 +219,72 @@ def test_gateway_abstract_notify_socket(make_gateway: GatewayFactory,
     gateway.signal(signal.SIGTERM)
     abstract_listener.wait_for("STOPPING=1", timeout=10)
     assert gateway.wait(30) == 0, gateway.log_tail()
+
+
+# -- the unit file --------------------------------------------------------------------------
+
+UNIT = Path(__file__).resolve().parent.parent / "packaging" / "teg-gateway.service"
+
+
+def unit_values() -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values.setdefault(key.strip(), value.strip())
+    return values
+
+
+def test_unit_file_essentials() -> None:
+    from teg_gateway.config import ShutdownSettings
+
+    values = unit_values()
+    assert values["Type"] == "notify"
+    assert values["NotifyAccess"] == "main"
+    assert values["WatchdogSec"] == "30"
+    assert values["Restart"] == "always"
+    assert values["User"] == "teg"
+    assert values["StateDirectory"] == "teg-gateway"
+    assert values["EnvironmentFile"] == "/etc/teg-gateway/teg-gateway.env"
+    assert "--config /etc/teg-gateway/teg-gateway.toml" in values["ExecStart"]
+    # sudo (reboot, power-off) needs new privileges: nothing may turn them off.
+    assert values["NoNewPrivileges"] == "no"
+    implying = ("PrivateDevices", "ProtectClock", "ProtectHostname", "ProtectKernelTunables",
+                "ProtectKernelModules", "ProtectKernelLogs", "RestrictAddressFamilies",
+                "RestrictNamespaces", "LockPersonality", "MemoryDenyWriteExecute",
+                "RestrictRealtime", "RestrictSUIDSGID", "SystemCallFilter",
+                "SystemCallArchitectures", "DynamicUser")
+    assert not set(implying) & set(values)
+    # The stop timeout is above the gateway's own forced exit and its backstop (+5 s).
+    assert float(values["TimeoutStopSec"]) > ShutdownSettings().timeout_s + 5
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed (apt-get install systemd)")
+def test_unit_file_verifies(tmp_path: Path) -> None:
+    # The programs it starts exist only once the package is installed: stand-ins here.
+    stand_in = tmp_path / "program"
+    stand_in.write_text("#!/bin/sh\n")
+    stand_in.chmod(0o755)
+    text = UNIT.read_text().replace("/opt/teg-gateway/bin/python", str(stand_in))
+    text = text.replace("/usr/bin/teg-gateway", str(stand_in))
+    unit = tmp_path / "teg-gateway.service"
+    unit.write_text(text)
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                            text=True, check=False, timeout=60)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_start_condition(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from teg_gateway.systemd import start_condition
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('[paths]\ndata = "/var/lib/teg-gateway"\n')
+    assert start_condition(["--config", str(config)], {}) == 1
+    assert "set TB_HOST" in capsys.readouterr().err
+    assert start_condition(["--config", str(config)], {"TB_HOST": "tb.example.com"}) == 0
+    config.write_text('[thingsboard]\nhost = "tb.example.com"\n')
+    assert start_condition(["--config", str(config)], {}) == 0
+    # A configuration that does not load: start, so the gateway reports the error itself.
+    config.write_text("[nonsense\n")
+    assert start_condition(["--config", str(config)], {}) == 0
