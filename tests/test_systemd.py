@@ -170,18 +170,26 @@ def test_status_line() -> None:
     assert line == "ThingsBoard: connected; outbox: 12 waiting; controller: running"
 
 
-def test_run_pings_and_survives_a_failing_status(listener: Listener) -> None:
-    def broken() -> str:
-        raise RuntimeError("database closed")
+def test_run_pings_and_sends_status_changes_despite_a_failing_status(listener: Listener
+                                                                     ) -> None:
+    calls = iter(["connecting", "connecting"])
+
+    def describe() -> str:
+        try:
+            return next(calls)
+        except StopIteration:
+            raise RuntimeError("database closed") from None
 
     async def main() -> None:
         notifier = Notifier(listener.address, 0.05)
-        task = asyncio.ensure_future(notifier.run(broken))
-        await asyncio.sleep(0.3)
+        task = asyncio.ensure_future(notifier.run(describe, status_poll_s=0.05))
+        await asyncio.sleep(0.4)
         task.cancel()
 
     asyncio.run(main())
-    assert listener.receive(0.5).count("WATCHDOG=1") >= 3
+    got = listener.receive(0.5)
+    assert got.count("WATCHDOG=1") >= 3
+    assert [m for m in got if m.startswith("STATUS=")] == ["STATUS=connecting"]
 
 
 # -- a real gateway -------------------------------------------------------------------------
