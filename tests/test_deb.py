@@ -191,8 +191,15 @@ def test_install_run_reinstall_and_purge(deb: Path, purge_at_the_end: None) -> N
     assert mode_owner(DATA) == ("0o750", "teg", "teg")
     env_text = (ETC / "teg-gateway.env").read_text()
     assert "\nTB_HOST=\n" in env_text and "#TEG_DATA_PATH=" in env_text
-    if shutil.which("visudo"):
+    if shutil.which("visudo") and shutil.which("sudo"):
+        # The rule is precise: reboot and poweroff without arguments, nothing else.
         run("visudo", "-c", "-f", "/etc/sudoers.d/teg-gateway")
+        for allowed in (["reboot"], ["poweroff"]):
+            run("runuser", "-u", "teg", "--", "sudo", "-n", "-l", *allowed)
+        for refused in (["reboot", "now"], ["shutdown", "-h", "now"], ["sh"]):
+            result = run("runuser", "-u", "teg", "--", "sudo", "-n", "-l", *refused,
+                         check=False)
+            assert result.returncode != 0, refused
 
     # The unit: enabled (a symlink, even without systemd running), valid, and skipped by
     # its ExecCondition until a ThingsBoard host is set.
