@@ -192,6 +192,52 @@ def test_run_pings_and_sends_status_changes_despite_a_failing_status(listener: L
     assert [m for m in got if m.startswith("STATUS=")] == ["STATUS=connecting"]
 
 
+class FakeTime:
+    """A clock and a sleep that advances it at once, ``early`` seconds short of the delay
+    (timers may fire a little early)."""
+
+    def __init__(self, early: float = 0.0) -> None:
+        self.now = 1000.0
+        self.early = early
+        self.pings: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.now += delay - min(self.early, delay / 2)
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("early", [0.0, 0.001])
+def test_watchdog_pings_every_half_period_on_a_fake_clock(listener: Listener,
+                                                          early: float) -> None:
+    fake = FakeTime(early)
+    notifier = Notifier(listener.address, 15.0, clock=fake.clock, sleep=fake.sleep)
+    sent = notifier.send
+
+    def record(*fields: str) -> bool:
+        if "WATCHDOG=1" in fields:
+            fake.pings.append(fake.now)
+        return sent(*fields)
+
+    notifier.send = record  # type: ignore[method-assign]
+
+    async def main() -> None:
+        task = asyncio.ensure_future(notifier.run(lambda: "ok"))
+        for _ in range(10_000):
+            if fake.now >= 1000.0 + 300:
+                break
+            await asyncio.sleep(0)
+        task.cancel()
+
+    asyncio.run(main())
+    gaps = [b - a for a, b in zip(fake.pings, fake.pings[1:], strict=False)]
+    assert len(fake.pings) >= 20 and gaps
+    assert max(gaps) <= 15.0 + 1e-6, max(gaps)  # never a round late
+    assert min(gaps) >= 15.0 - 0.02, min(gaps)  # and not more often than asked
+
+
 # -- a real gateway -------------------------------------------------------------------------
 
 

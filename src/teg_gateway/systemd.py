@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,12 @@ class Notifier:
     systemd: it then does nothing. Sending never blocks and never raises."""
 
     def __init__(self, address: str | bytes | None, watchdog_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.address = address
         self.watchdog_s = watchdog_s
         self._clock = clock
+        self._sleep = sleep
         self._sock: socket.socket | None = None
         self._last_status: str | None = None
         self._status_sent_at = -STATUS_PERIOD_S
@@ -154,20 +156,22 @@ class Notifier:
         when it changed (read every ``status_poll_s``); runs until cancelled."""
         if self.address is None:
             return
-        period = min(STATUS_PERIOD_S, status_poll_s, self.watchdog_s or STATUS_PERIOD_S)
+        # A timer may fire a hair early: such a wake-up counts as on time (no extra sleep).
+        slack = 0.01
         next_ping = next_status = self._clock()
         while True:
             now = self._clock()
-            if self.watchdog_s is not None and now >= next_ping:
+            if self.watchdog_s is not None and now + slack >= next_ping:
                 self.ping()
                 next_ping = now + self.watchdog_s
-            if now >= next_status:
+            if now + slack >= next_status:
                 next_status = now + status_poll_s
                 try:
                     self.status(describe())
                 except Exception as exc:  # an unreadable status must not stop the pings
                     log.debug("systemd status not available: %s", exc)
-            await asyncio.sleep(period)
+            wake = next_status if self.watchdog_s is None else min(next_status, next_ping)
+            await self._sleep(max(0.0, wake - self._clock()))
 
     def close(self) -> None:
         if self._sock is not None:
