@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -237,3 +237,136 @@ def test_install_run_reinstall_and_purge(deb: Path, purge_at_the_end: None) -> N
     run("dpkg", "--purge", "teg-gateway", env={**os.environ, "TEG_PURGE_DATA": "1"})
     for gone in (VENV, ETC, UNIT, WANTS, DATA):
         assert not os.path.lexists(gone), gone
+
+
+# -- under a real systemd (on demand) -------------------------------------------------------
+
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+"""
+
+PUBLISH_RESTART = """\
+import json, time
+import paho.mqtt.client as mqtt
+client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+client.connect("127.0.0.1", 1883)
+client.loop_start()
+client.publish("te/device/main///cmd/restart/systemd-test", json.dumps({"status": "init"}),
+               qos=1, retain=True).wait_for_publish()
+time.sleep(1)
+"""
+
+
+class SystemdContainer:
+    """systemd as PID 1 in a podman container whose root is an overlay of this machine's
+    (changes are thrown away), with podman's state in a temporary directory."""
+
+    def __init__(self, workdir: Path) -> None:
+        (workdir / "containers.conf").write_text(CONTAINERS_CONF)
+        self.podman = ["podman", "--root", str(workdir / "root"),
+                       "--runroot", str(workdir / "runroot")]
+        self.env = {**os.environ, "CONTAINERS_CONF": str(workdir / "containers.conf")}
+        self.name = f"teg-systemd-{os.getpid()}"
+
+    def start(self) -> None:
+        tmpfs = [arg for path in ("/tmp", "/run", "/var/tmp")
+                 for arg in ("--tmpfs", f"{path}:rw,notmpcopyup")]
+        run(*self.podman, "run", "-d", "--name", self.name, "--network", "none",
+            "--systemd=always", *tmpfs, "--rootfs", "/:O", "/lib/systemd/systemd", env=self.env)
+        self.wait_until(lambda: self.sh("systemctl is-system-running", check=False).stdout
+                        .strip() in ("running", "degraded"), 60, "systemd did not come up")
+
+    def sh(self, command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run(*self.podman, "exec", self.name, "sh", "-c", command, env=self.env,
+                   check=check)
+
+    def show(self, prop: str) -> str:
+        return self.sh(f"systemctl show teg-gateway -p {prop} --value").stdout.strip()
+
+    def journal(self) -> str:
+        return self.sh("journalctl --no-pager -o cat", check=False).stdout
+
+    def wait_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} within {timeout:g} s\n{self.journal()[-3000:]}")
+            time.sleep(0.5)
+
+    def remove(self) -> None:
+        run(*self.podman, "rm", "-f", "-t", "0", self.name, env=self.env, check=False)
+
+
+def _systemd_container_skip() -> str | None:
+    if os.environ.get("TEG_TEST_SYSTEMD_CONTAINER") != "1":
+        return ("boots systemd in a podman container and waits out the watchdog (about "
+                "90 s): set TEG_TEST_SYSTEMD_CONTAINER=1 to run it")
+    if shutil.which("podman") is None or not Path("/lib/systemd/systemd").exists():
+        return "needs podman and systemd installed"
+    return None
+
+
+@pytest.mark.skipif(_systemd_container_skip() is not None,
+                    reason=str(_systemd_container_skip()))
+def test_the_package_under_systemd(deb: Path) -> None:
+    # podman wants a short run directory (at most 50 characters).
+    workdir = Path(tempfile.mkdtemp(prefix="teg-sd-"))
+    container = SystemdContainer(workdir)
+    try:
+        container.start()
+        run(*container.podman, "cp", str(deb), f"{container.name}:/root/teg-gateway.deb",
+            env=container.env)
+        # Images often forbid starting services from maintainer scripts: not this one.
+        container.sh("rm -f /usr/sbin/policy-rc.d && dpkg -i /root/teg-gateway.deb")
+
+        # Enabled and started at installation, but skipped (not failed) without a host.
+        assert container.show("UnitFileState") == "enabled"
+        assert container.show("Result") == "exec-condition"
+        assert container.show("ActiveState") == "inactive"
+        assert "no ThingsBoard host configured yet" in container.journal()
+
+        # With a host (unreachable here): Type=notify reaches active without ThingsBoard.
+        container.sh(
+            "sed -i -e 's/^TB_HOST=$/TB_HOST=127.0.0.1/' -e 's/^#TB_PORT=8883$/TB_PORT=1/' "
+            "-e 's/^THINGSBOARD_PROVISION_DEVICE_KEY=$/THINGSBOARD_PROVISION_DEVICE_KEY=k/' "
+            "-e 's/^THINGSBOARD_PROVISION_DEVICE_SECRET=$/THINGSBOARD_PROVISION_DEVICE_SECRET"
+            "=s/' /etc/teg-gateway/teg-gateway.env && systemctl restart teg-gateway")
+        assert container.show("ActiveState") == "active"
+        assert container.show("StatusText").startswith("ThingsBoard: ")
+        first = container.show("MainPID")
+
+        # The watchdog pings keep it running past WatchdogSec...
+        time.sleep(35)
+        assert container.show("MainPID") == first and container.show("NRestarts") == "0"
+        # ...and a frozen gateway is killed and restarted.
+        container.sh(f"kill -STOP {first}")
+        container.wait_until(lambda: container.show("NRestarts") == "1"
+                             and container.show("ActiveState") == "active", 60,
+                             "no watchdog restart")
+        assert "Watchdog timeout" in container.journal()
+
+        # A stop is clean.
+        container.sh("systemctl stop teg-gateway")
+        assert container.show("Result") == "success"
+        assert container.show("ExecMainStatus") == "0"
+
+        # The restart operation's `sudo reboot`, run by the gateway as teg inside the unit's
+        # sandbox, reboots the (container's) system.
+        container.sh("systemctl start mosquitto teg-gateway")
+        container.wait_until(lambda: "local broker: connected" in container.journal(), 30,
+                             "the gateway did not reach the local broker")
+        container.sh(f"cat > /root/publish.py <<'EOF'\n{PUBLISH_RESTART}EOF\n"
+                     "/opt/teg-gateway/bin/python /root/publish.py")
+        container.wait_until(lambda: "System is rebooting" in container.journal(), 30,
+                             "the reboot command did not reboot")
+        assert re.search(r"teg : .*USER=root ; COMMAND=(/usr)?/s?bin/reboot$",
+                         container.journal(), re.MULTILINE)
+    finally:
+        container.remove()
+        shutil.rmtree(workdir, ignore_errors=True)
