@@ -6,7 +6,8 @@ only when asked to keep it).
 It installs a system package, so it runs only as root on a Debian system with dpkg, and
 not where a teg-gateway package is already installed (CI runs as root on Debian 12). No
 systemd runs as PID 1 there: the maintainer scripts must cope, and the unit is checked with
-systemd-analyze instead (when installed).
+systemd-analyze instead (when installed). On demand, TEG_TEST_SYSTEMD_CONTAINER=1 also runs
+the package under a real systemd booted in a podman container.
 """
 
 from __future__ import annotations
