@@ -71,7 +71,8 @@ def env_text() -> str:
         "# teg-gateway environment, read by systemd (teg-gateway.service) as root.",
         "# It holds the provisioning secret: keep it mode 0600.",
         "# The service starts once TB_HOST is set: edit, then systemctl restart teg-gateway",
-        "# Values here override the same settings in teg-gateway.toml.",
+        "# Values here override the same settings in teg-gateway.toml, which sets the data",
+        "# directory (paths.data).",
     ]
     for section, cls in sections():
         for fld, _kind in section_fields(cls):
