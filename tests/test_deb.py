@@ -180,6 +180,15 @@ def test_install_run_reinstall_and_purge(deb: Path, purge_at_the_end: None) -> N
     status = run("runuser", "-u", "teg", "--", "/usr/bin/teg-gateway", "--config",
                  str(ETC / "teg-gateway.toml"), "status").stdout
     assert f"data directory: {DATA}" in status and "provisioned: no" in status
+    # The preflight, as teg with the service's settings, against an unreachable host: one
+    # line per step and a failure with its fix, no traceback.
+    check = run("runuser", "-u", "teg", "--", "/usr/bin/teg-gateway", "--config",
+                str(ETC / "teg-gateway.toml"), "check", check=False,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "TB_HOST": "127.0.0.1",
+                     "TB_PORT": str(closed_port())})
+    assert check.returncode == 1, check.stdout + check.stderr
+    assert "✓" in check.stdout and "✗" in check.stdout
+    assert "Traceback" not in check.stdout + check.stderr
 
     # Conffiles, the user, modes and owners.
     conffiles = run("dpkg-query", "-W", "-f=${Conffiles}", "teg-gateway").stdout
