@@ -273,6 +273,12 @@ time.sleep(1)
 """
 
 
+# The README's command line for running teg-gateway as the service does.
+SERVICE_RUN = ("systemd-run --quiet --pipe --wait --collect -p User=teg "
+               "-p EnvironmentFile=/etc/teg-gateway/teg-gateway.env "
+               "/usr/bin/teg-gateway --config /etc/teg-gateway/teg-gateway.toml")
+
+
 class SystemdContainer:
     """systemd as PID 1 in a podman container whose root is an overlay of this machine's
     (changes are thrown away), with podman's state in a temporary directory."""
@@ -349,6 +355,9 @@ def test_the_package_under_systemd(deb: Path) -> None:
             "=s/' /etc/teg-gateway/teg-gateway.env && systemctl restart teg-gateway")
         assert container.show("ActiveState") == "active"
         assert container.show("StatusText").startswith("ThingsBoard: ")
+        # The README's way to run a command with the service's settings, as teg.
+        check = container.sh(f"{SERVICE_RUN} check", check=False)
+        assert check.returncode == 1 and "✗" in check.stdout, check.stdout + check.stderr
         first = container.show("MainPID")
 
         # The watchdog pings keep it running past WatchdogSec...
