@@ -44,3 +44,15 @@ def test_settings_table_is_current() -> None:
     start = text.index("<!-- settings:")
     table = text[text.index("\n", start) + 1:text.index("<!-- /settings -->")].strip()
     assert table == settings_markdown(), "regenerate with: python -m teg_gateway.config"
+
+
+def test_the_systemd_unit_is_the_packaged_file() -> None:
+    # The README links the unit instead of copying it; what it says about it must hold.
+    unit = README.parent / "packaging" / "teg-gateway.service"
+    text = README.read_text()
+    assert "(packaging/teg-gateway.service)" in text and unit.is_file()
+    lines = unit.read_text().splitlines()
+    for setting in ("Type=notify", "WatchdogSec=30", "Restart=always", "TimeoutStopSec=30",
+                    "ProtectSystem=true", "PrivateTmp=yes", "ProtectControlGroups=yes"):
+        assert setting in lines, setting
+        assert f"`{setting}`" in text or f"`{setting.split('=')[0]}`" in text, setting

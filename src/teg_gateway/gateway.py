@@ -50,6 +50,7 @@ from teg_gateway.store.db import is_corruption, is_disk_full
 from teg_gateway.store.outbox import TELEMETRY, TOPIC_TELEMETRY, now_ms
 from teg_gateway.store.state import cloud_state, state_dir
 from teg_gateway.store.stores import Stores
+from teg_gateway.systemd import Notifier, status_line
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ class Gateway:
         self.records_in = 0
         self._dropped_unreported = 0
         self.exit_code = EXIT_OK
+        self.systemd = Notifier.from_environment()
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -186,6 +188,9 @@ class Gateway:
             self._intake_task = self._start(self._intake_loop())
             self._start(self._log_flush_loop())
             self._start(self.lag.run())
+            # Databases open and intake running: ready, whether ThingsBoard is reachable or not.
+            self.systemd.ready(status_line(self.status_values()))
+            self._start(self.systemd.run(lambda: status_line(self.status_values())))
             await asyncio.wait({provisioning, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
             if self._stopping.is_set():
                 provisioning.cancel()
@@ -272,6 +277,7 @@ class Gateway:
 
     async def _shutdown(self) -> None:
         shutdown = self.settings.shutdown
+        self.systemd.stopping()
         if self.supervisor is not None:
             try:
                 await asyncio.wait_for(self.supervisor.shutdown(),

@@ -55,6 +55,7 @@ from teg_gateway.controller.runtime import (
 )
 from teg_gateway.controller.supervisor import RUNNING, Supervisor
 from teg_gateway.fsutil import fsync_dir
+from teg_gateway.murmur3 import Murmur3x64_128, Murmur3x86_32
 from teg_gateway.operations.download import DownloadError, UrlDownload, check_url, tls_context
 from teg_gateway.store.state import Loaded, StateFile, store_state
 
@@ -121,11 +122,9 @@ def _new_hasher(algorithm: str) -> Any:
     if name == "CRC32":
         return _Crc32()
     if name == "MURMUR3_32":
-        import mmh3  # noqa: PLC0415 (only needed for this algorithm)
-        return mmh3.mmh3_32()
+        return Murmur3x86_32()
     if name == "MURMUR3_128":
-        import mmh3  # noqa: PLC0415
-        return mmh3.mmh3_x64_128()
+        return Murmur3x64_128()
     raise OtaError(f"checksum algorithm {clip(repr(algorithm))} is not supported (use one of "
                    f"{', '.join(ALGORITHMS)})")
 
