@@ -66,6 +66,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from teg_gateway.cloud.limits import parse_rate_limit
 from teg_gateway.sandbox.broker import Mosquitto, mosquitto_available
 from teg_gateway.sandbox.certs import Pki, make_pki
 from teg_gateway.sandbox.controller import QueueWriter, make_records, now_ms
@@ -87,6 +88,11 @@ TARGET_DRAIN_S = 30.0
 TARGET_DRAIN_RECORDS = 1_000_000
 TARGET_P99_MS = 100.0
 TARGET_PEAK_MB = 80.0
+TARGET_UTILISATION = 0.9
+TARGET_PACED_CPU_PERCENT = 2.0
+# The rate-limited phase: limits of a ThingsBoard Cloud-like tenant profile.
+LIMITED = Limits(messages="60:1,1800:60", telemetry_messages="20:1,600:60",
+                 telemetry_data_points="400:1,6000:60", max_payload_size=8192)
 
 SEQ_KEY = b'"seq":'
 SEQ_RE = re.compile(rb'"seq":(\d+)')
@@ -779,6 +785,67 @@ def run_latency(parts: Rig, seconds: float) -> LatencyResult:
     )
 
 
+# -- rate limited -----------------------------------------------------------------------------
+
+
+@dataclass
+class LimitedResult:
+    records: int
+    points: int
+    limits: dict[str, Any]
+    active_s: float
+    allowed_s: float
+    utilisation: float
+    records_per_s: float
+    points_per_s: float
+    allowed_points_per_s: float
+    publishes: int
+    closes: list[str]
+    paced_cpu_percent: float
+    missing: int
+    duplicates: int
+
+
+def allowed_seconds(tokens: int, spec: str | None) -> float:
+    """The shortest time ``tokens`` can take under ``spec``, ThingsBoard's buckets (full at
+    the start, refilled continuously); 0 without a limit."""
+    if not spec:
+        return 0.0
+    return max(max(0.0, (tokens - w.capacity) / w.rate) for w in parse_rate_limit(spec))
+
+
+def run_limited(workdir: Path, profiler: Profiler, count: int, limits: Limits,
+                timeout: float) -> LimitedResult:
+    """A backlog drained into the stand-in enforcing ``limits``: how close the gateway gets
+    to what the limits allow, and what it costs while it waits for tokens."""
+    with rig(workdir / "limited", profiler, "server", limits) as parts:
+        say(f"rate limited: messages {limits.messages}, telemetry messages "
+            f"{limits.telemetry_messages}, data points {limits.telemetry_data_points}, "
+            f"payloads up to {limits.max_payload_size} bytes")
+        t = run_throughput(parts, count, timeout)
+        payloads = parts.sink.take()
+    points = sum(len(record["values"]) for _, payload in payloads
+                 for record in json.loads(payload))
+    # From the first record received to the last: the gateway's start and connect aside.
+    active = max(1e-9, t.all_received_s - t.first_record_s)
+    allowed = max(allowed_seconds(points, limits.telemetry_data_points),
+                  allowed_seconds(t.publishes, limits.telemetry_messages))
+    # The gateway's CPU over the same span, from the samples of its /proc entry.
+    inside = [s for s in t.timeline if t.first_record_s <= s["t"] <= t.all_received_s]
+    cpu = ((inside[-1]["cpu_s"] - inside[0]["cpu_s"]) / (inside[-1]["t"] - inside[0]["t"])
+           * 100 if len(inside) >= 2 and inside[-1]["t"] > inside[0]["t"] else float("nan"))
+    return LimitedResult(
+        records=count, points=points,
+        limits={"messages": limits.messages, "telemetryMessages": limits.telemetry_messages,
+                "telemetryDataPoints": limits.telemetry_data_points,
+                "maxPayloadSize": limits.max_payload_size},
+        active_s=active, allowed_s=allowed, utilisation=allowed / active if allowed else 1.0,
+        records_per_s=count / active, points_per_s=points / active,
+        allowed_points_per_s=points / allowed if allowed else float("inf"),
+        publishes=t.publishes, closes=t.closes, paced_cpu_percent=cpu,
+        missing=t.missing, duplicates=t.duplicates)
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -786,7 +853,8 @@ def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
-def report(throughput: ThroughputResult | None, latency: LatencyResult | None) -> bool:
+def report(throughput: ThroughputResult | None, latency: LatencyResult | None,
+           limited: LimitedResult | None = None) -> bool:
     """Print the results table; True when every measured target is met."""
     rows: list[tuple[str, str, str, str]] = []
     all_ok = True
@@ -840,6 +908,23 @@ def report(throughput: ThroughputResult | None, latency: LatencyResult | None) -
         row("gateway peak RSS (VmHWM)", f"{lat.gateway_peak_rss_mb:.1f} MB",
             f"< {TARGET_PEAK_MB:.0f} MB", lat.gateway_peak_rss_mb < TARGET_PEAK_MB)
         row("gateway exit status", str(lat.gateway_exit), "0", lat.gateway_exit == 0)
+    if limited is not None:
+        lim = limited
+        row("rate limited: backlog", f"{lim.records:,} records, {lim.points:,} data points")
+        row("  limits (data points)", str(lim.limits["telemetryDataPoints"]),
+            f"telemetry msgs {lim.limits['telemetryMessages']}")
+        row("  first to last record", f"{lim.active_s:.1f} s",
+            f"limits allow {lim.allowed_s:.1f} s")
+        row("  utilisation", f"{lim.utilisation * 100:.0f} %",
+            f">= {TARGET_UTILISATION * 100:.0f} %", lim.utilisation >= TARGET_UTILISATION)
+        row("  delivered", f"{lim.records_per_s:,.0f} records/s, "
+            f"{lim.points_per_s:,.0f} points/s")
+        row("  server cuts", ", ".join(lim.closes) or "0", "0", not lim.closes)
+        row("  gateway CPU while paced", f"{lim.paced_cpu_percent:.2f} % of a core",
+            f"< {TARGET_PACED_CPU_PERCENT:.0f} %",
+            lim.paced_cpu_percent < TARGET_PACED_CPU_PERCENT)
+        row("  verified: missing / dup", f"{lim.missing} / {lim.duplicates}", "0, 0",
+            lim.missing == 0 and lim.duplicates == 0)
 
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     heading = ("measure", "value", "target", "")
@@ -888,6 +973,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (logs, databases) and print its path")
     parser.add_argument("--workdir", type=Path, help="work directory (default: a new temp one)")
+    parser.add_argument("--limited", action="store_true",
+                        help="also drain a backlog into the stand-in enforcing ThingsBoard "
+                             "Cloud-like limits (messages 60:1,1800:60, telemetry messages "
+                             "20:1,600:60, data points 400:1,6000:60, 8192-byte payloads) "
+                             "and report the utilisation")
+    parser.add_argument("--limited-records", type=int, default=4000,
+                        help="backlog of the rate-limited phase (default 4,000: about 60 s)")
     parser.add_argument("--cloud", choices=("server", "mosquitto"), default="server",
                         help="what the gateway talks to: the ThingsBoard stand-in server "
                              "(default), or mosquitto and a lean subscriber")
@@ -912,6 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     throughput: ThroughputResult | None = None
     latency: LatencyResult | None = None
+    limited: LimitedResult | None = None
     failed = False
     interrupted = False
     profiler = Profiler(args.profile, args.profile_native)
@@ -922,6 +1015,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_latency:
                 latency = run_latency(parts, args.latency_seconds)
             profiler.finish()
+        if args.limited:
+            limited = run_limited(workdir, profiler, args.limited_records, LIMITED,
+                                  args.timeout + 300.0)
     except BenchError as exc:
         say(f"benchmark failed: {exc}")
         failed = True
@@ -938,7 +1034,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     if failed:
         return 1
-    ok = report(throughput, latency)
+    ok = report(throughput, latency, limited)
     if args.json:
         document = {
             "cpus": os.cpu_count(),
@@ -946,6 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
             "sqlite": sqlite3.sqlite_version,
             "throughput": asdict(throughput) if throughput else None,
             "latency": asdict(latency) if latency else None,
+            "limited": asdict(limited) if limited else None,
             "targets_met": ok,
         }
         args.json.write_text(json.dumps(document, indent=2) + "\n")
