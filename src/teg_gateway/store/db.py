@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ log = logging.getLogger(__name__)
 
 CORRUPTION_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 SIDE_FILES = ("-wal", "-shm", "-journal")
+JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 
 def is_corruption(exc: BaseException) -> bool:
@@ -26,6 +28,15 @@ def is_corruption(exc: BaseException) -> bool:
 
 def is_disk_full(exc: BaseException) -> bool:
     return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+
+
+def file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file, None when it does not exist: a replaced file shows here."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def move_aside(path: Path) -> Path:
@@ -57,6 +68,8 @@ def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
+        # The WAL file shrinks back after a checkpoint instead of keeping its largest size.
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
     except BaseException:
         conn.close()
         raise

@@ -43,6 +43,8 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 READ_AHEAD = 4096
+# Default cap of the dead letters (outbox.dead_letters_mb); see store/deadletters.py.
+DEAD_LETTER_CAP_BYTES = 8 * 1024 * 1024
 
 
 def now_ms() -> int:
@@ -70,6 +72,7 @@ class Outbox:
     def __init__(self, conn: sqlite3.Connection, max_payload_bytes: int) -> None:
         self.conn = conn
         self.max_payload_bytes = max_payload_bytes
+        self.dead_letter_cap_bytes = DEAD_LETTER_CAP_BYTES
         self._read_upto = 0
         self._ahead: deque[tuple[int, int, bytes]] = deque()
 
@@ -181,8 +184,12 @@ class Outbox:
 
         It goes down to 90 % of the quota so that the next records do not trigger it
         again at once. Returns the number of records dropped (they stay in the archive).
+        Dead letters do not count: they have a cap of their own.
         """
         used = self.used_bytes()
+        if used <= quota_bytes:
+            return 0
+        used -= dead_letter_bytes(self.conn)
         if used <= quota_bytes:
             return 0
         count = self.depth()
@@ -242,6 +249,18 @@ def add_counter(conn: sqlite3.Connection, name: str, amount: int, schema: str = 
 def get_counter(conn: sqlite3.Connection, name: str, schema: str = "main") -> int:
     row = conn.execute(f"SELECT value FROM {schema}.counters WHERE name = ?", (name,)).fetchone()
     return 0 if row is None else int(row[0])
+
+
+def dead_letter_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes the dead letters take in the outbox file (pages, overflow included)."""
+    try:
+        row = conn.execute(
+            "SELECT sum(pgsize) FROM dbstat('main') WHERE name = 'dead_letter'").fetchone()
+    except sqlite3.OperationalError:  # SQLite built without the dbstat table
+        row = conn.execute(
+            "SELECT sum(coalesce(length(CAST(message AS BLOB)), 0) + length(reason) + 32) "
+            "FROM main.dead_letter").fetchone()
+    return int(row[0] or 0)
 
 
 def used_bytes(conn: sqlite3.Connection, schema: str) -> int:

@@ -1,0 +1,82 @@
+"""Dead letters: records that can never be sent, kept for an operator within a cap of their own.
+
+They live in the outbox database (table ``dead_letter``) but do not count against the
+outbox quota, and the oldest are removed above ``outbox.dead_letters_mb`` (counted in the
+``dead_letters_removed`` counter). Every writer of dead letters goes through :func:`add`,
+which bounds each row (message and reason) and enforces the cap.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from teg_gateway.store.outbox import (
+    DEAD_LETTER_CAP_BYTES,
+    add_counter,
+    dead_letter_bytes,
+    now_ms,
+    used_bytes,
+)
+
+DEFAULT_CAP_BYTES = DEAD_LETTER_CAP_BYTES
+# A dead letter keeps at most this much of the message (characters of text, bytes of a blob).
+MAX_MESSAGE = 65536
+MAX_REASON = 300
+
+_INSERT = f"""
+INSERT INTO main.dead_letter (queue_id, type, message, reason, at_ms)
+SELECT queue_id, type,
+       CASE WHEN length(message) > {MAX_MESSAGE} THEN substr(message, 1, {MAX_MESSAGE})
+            ELSE message END,
+       substr(coalesce(reason, 'unknown reason')
+              || CASE WHEN length(message) > {MAX_MESSAGE}
+                      THEN ' (message cut from ' || length(CAST(message AS BLOB)) || ' bytes)'
+                      ELSE '' END, 1, {MAX_REASON}),
+       ?
+FROM ({{select}})
+"""
+
+
+def add(conn: sqlite3.Connection, select_sql: str, params: tuple[Any, ...] = (), *,
+        cap_bytes: int = DEFAULT_CAP_BYTES) -> int:
+    """Store the rows of ``select_sql`` as dead letters; the number stored.
+
+    ``select_sql`` yields the columns ``queue_id, type, message, reason`` (in that order and
+    with those names). Run it inside the caller's write transaction on the outbox database:
+    the rows, the ``dead_letters`` counter and the cap are then one commit.
+    """
+    before = conn.total_changes
+    conn.execute(_INSERT.format(select=select_sql), (*params, now_ms()))
+    added = conn.total_changes - before
+    add_counter(conn, "dead_letters", added)
+    if added:
+        enforce_cap(conn, cap_bytes)
+    return added
+
+
+def enforce_cap(conn: sqlite3.Connection, cap_bytes: int) -> int:
+    """Remove the oldest dead letters while they take more than ``cap_bytes`` (down to 90 %
+    of it); the number removed, added to the ``dead_letters_removed`` counter."""
+    removed = 0
+    for _ in range(8):
+        size = dead_letter_bytes(conn)
+        if size <= cap_bytes:
+            break
+        count = int(conn.execute("SELECT count(*) FROM main.dead_letter").fetchone()[0])
+        if not count:
+            break
+        per_row = max(1, size // count)
+        to_remove = max(1, -(-(size - int(cap_bytes * 0.9)) // per_row))
+        before = conn.total_changes
+        conn.execute("DELETE FROM main.dead_letter WHERE id IN "
+                     "(SELECT id FROM main.dead_letter ORDER BY id LIMIT ?)", (to_remove,))
+        removed += conn.total_changes - before
+    add_counter(conn, "dead_letters_removed", removed)
+    return removed
+
+
+def outbox_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the outbox database in use, the dead letters not counted."""
+    used = used_bytes(conn, "main")
+    return max(0, used - dead_letter_bytes(conn)) if used else 0
