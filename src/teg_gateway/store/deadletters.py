@@ -47,7 +47,7 @@ def add(conn: sqlite3.Connection, select_sql: str, params: tuple[Any, ...] = (),
     the rows, the ``dead_letters`` counter and the cap are then one commit.
     """
     before = conn.total_changes
-    conn.execute(_INSERT.format(select=select_sql), (*params, now_ms()))
+    conn.execute(_INSERT.format(select=select_sql), (now_ms(), *params))
     added = conn.total_changes - before
     add_counter(conn, "dead_letters", added)
     if added:
