@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from teg_gateway.controller.intake import IntakeConfig, IntakeCore, IntakeResult
 from teg_gateway.sandbox.controller import QueueWriter, make_records
 from teg_gateway.store import deadletters
 from teg_gateway.store.archive import BUILD_MS, DAY_MS
-from teg_gateway.store.outbox import transaction
+from teg_gateway.store.outbox import dead_letter_bytes, transaction
 from teg_gateway.store.stores import Stores
 
 MAX_PAYLOAD = 49152
@@ -151,7 +151,7 @@ def test_a_replaced_queue_file_is_taken_from_its_first_row(
 # -- hostile rows ----------------------------------------------------------------------------
 
 
-def insert_raw(writer: QueueWriter, rows: list[tuple[object, object]]) -> None:
+def insert_raw(writer: QueueWriter, rows: Sequence[tuple[object, object]]) -> None:
     conn = sqlite3.connect(writer.path)
     try:
         with conn:
@@ -271,7 +271,7 @@ def test_dead_letters_have_their_own_cap_outside_the_quota(stores: Stores,
         core.close()
         assert stores.outbox.enforce_quota(1024 * 1024) == 0, "dead letters are not quota"
     assert outbox_seqs(stores) == list(range(1000))
-    assert deadletters.dead_letter_bytes(stores.conn) <= 1024 * 1024
+    assert dead_letter_bytes(stores.conn) <= 1024 * 1024
     assert stores.outbox.counter("dead_letters") == 40
     removed = stores.outbox.counter("dead_letters_removed")
     kept = stores.conn.execute("SELECT count(*) FROM dead_letter").fetchone()[0]
