@@ -341,3 +341,35 @@ def test_a_deleted_outbox_is_recreated_and_ids_go_on(stores: Stores) -> None:
     (new_id,) = stores.conn.execute("SELECT id FROM outbox").fetchone()
     assert new_id == 3, "an acknowledgement from the old file never deletes a new record"
     assert not stores.replaced()
+
+
+def test_salvage_skips_rows_it_cannot_read_and_starts(tmp_path: Path) -> None:
+    """A NULL in a NOT NULL column (what one flipped byte did): salvage skips the row,
+    reports it, and the stores open with every other record."""
+    directory = tmp_path / "gateway"
+    stores = Stores(directory, MAX_PAYLOAD)
+    stores.open()
+    stores.outbox.put(0, [json.dumps({"ts": 1, "values": {"seq": i}}) for i in range(10)])
+    stores.close()
+    conn = sqlite3.connect(directory / "outbox.db")
+    conn.execute("PRAGMA writable_schema = ON")
+    (schema,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'outbox'").fetchone()
+    loose = schema.replace("NOT NULL", "")
+    conn.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'outbox'", (loose,))
+    conn.commit()
+    conn.close()
+    conn = sqlite3.connect(directory / "outbox.db")
+    with conn:
+        conn.execute("UPDATE outbox SET kind = NULL WHERE id = 3")
+        conn.execute("UPDATE outbox SET body = NULL WHERE id = 6")
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute("UPDATE sqlite_master SET sql = ? WHERE name = 'outbox'", (schema,))
+    conn.close()
+
+    stores = Stores(directory, MAX_PAYLOAD)
+    stores.open()
+    try:
+        assert outbox_seqs(stores) == [0, 1, 3, 4, 6, 7, 8, 9]
+        assert any("salvaged 8 records" in p for p in stores.take_problems())
+    finally:
+        stores.close()

@@ -73,14 +73,24 @@ def save(path: Path, creds: Credentials) -> None:
     atomic_write(path, data, mode=0o600)
 
 
+class CredentialsDamaged(CredentialsError):
+    """The credentials file holds bytes no credentials have (not UTF-8, control bytes)."""
+
+
 def load(path: Path) -> Credentials | None:
     """The saved credentials, or None when the file does not exist."""
     try:
-        text = path.read_text().strip()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise CredentialsError(f"cannot read credentials file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CredentialsDamaged(f"credentials file {path} is damaged (not UTF-8)") from None
+    if not text.isprintable():
+        raise CredentialsDamaged(f"credentials file {path} is damaged (control characters)")
     _tighten_mode(path)
     if not text:
         raise CredentialsError(f"credentials file {path} is empty; delete it to provision again")
@@ -94,6 +104,8 @@ def load(path: Path) -> Credentials | None:
         return Credentials(MQTT_BASIC, client_id=str(value.get("clientId") or ""),
                            username=str(value.get("userName") or ""),
                            password=str(value.get("password") or ""))
+    if not text.isascii() or any(c.isspace() for c in text):
+        raise CredentialsDamaged(f"credentials file {path} is damaged (not an access token)")
     return Credentials(ACCESS_TOKEN, token=text)
 
 
