@@ -104,7 +104,8 @@ class QueueSettings:
 
 @dataclass
 class ArchiveSettings:
-    retention_days: float = setting(30.0, "records older than this are removed",
+    retention_days: float = setting(30.0, "records older than this (counted back from the "
+                                          "newest record, with a plausible clock) are removed",
                                     check="positive")
     max_mb: float = setting(1024.0, "size cap; the oldest records are removed above it",
                             check="positive")
