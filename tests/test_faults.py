@@ -154,9 +154,10 @@ def test_the_archive_gives_up_space_before_the_intake_stalls(
         writer.close()
     kept = query(disk / "archive.db", "SELECT count(*) FROM records")[0][0]
     free_mb = shutil.disk_usage(disk).free / 1e6
+    files = ", ".join(f"{p.name} {p.stat().st_size / 1e6:.1f} MB" for p in sorted(disk.iterdir()))
 
     report(f"archive on a 24 MB disk, reserve 8 MB: {result.describe()}; archive keeps "
-           f"{kept} of {total} records; {free_mb:.1f} MB free")
+           f"{kept} of {total} records; {free_mb:.1f} MB free ({files})")
     assert result.missing == []
     assert 0 < kept < total
     log = gateway.log_text()

@@ -48,10 +48,14 @@ class Stores:
         salvaged: list[tuple[int, int, str, int]] = []
         if quick_check and self.outbox_path.exists():
             salvaged = self._salvage_if_damaged()
+        if not self.archive_path.exists():
+            _create_incremental(self.archive_path)
         archive_conn, moved = db.open_checked(self.archive_path, archive_mod.SCHEMA,
                                               quick_check=quick_check)
         archive_conn.close()
         self._note_moved(self.archive_path, moved)
+        if moved is not None:
+            _create_incremental(self.archive_path)
         conn, moved = db.open_checked(self.outbox_path, outbox_mod.SCHEMA,
                                       quick_check=quick_check)
         self._note_moved(self.outbox_path, moved)
@@ -159,6 +163,19 @@ class Stores:
     def _report(self, text: str) -> None:
         log.error("%s", text)
         self.problems.append(text)
+
+
+def _create_incremental(path: Path) -> None:
+    """Create an empty database whose file shrinks when rows are deleted (the archive gives
+    space back to the disk); this must be chosen before the file has its first page."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.executescript(archive_mod.SCHEMA)
+        conn.execute("PRAGMA journal_mode = WAL")
+    finally:
+        conn.close()
 
 
 def _continue_ids(conn: sqlite3.Connection, last_id: int) -> None:
