@@ -290,6 +290,19 @@ def test_every_writer_of_dead_letters_is_bounded(stores: Stores) -> None:
     assert len(reason) == deadletters.MAX_REASON
 
 
+def test_outbox_rows_that_can_never_be_sent_move_to_the_capped_dead_letters(
+        stores: Stores) -> None:
+    stores.outbox.put(0, [json.dumps({"ts": 1, "values": {"blob": "x" * 50_000}})] * 30)
+    ids = [r[0] for r in stores.conn.execute("SELECT id FROM outbox ORDER BY id")]
+    moved = deadletters.move_from_outbox(stores.conn, ids, "too large for ThingsBoard",
+                                         cap_bytes=512 * 1024)
+    assert moved == 30
+    assert stores.outbox.depth() == 0
+    assert dead_letter_bytes(stores.conn) <= 512 * 1024
+    assert stores.outbox.counter("dead_letters") == 30
+    assert stores.outbox.counter("dead_letters_removed") > 0
+
+
 # -- the archive's clock ---------------------------------------------------------------------
 
 

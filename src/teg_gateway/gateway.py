@@ -1,8 +1,9 @@
 """Wires the parts together and runs the main loop.
 
-One asyncio event loop does all the work: the controller queue intake, forwarding,
-health telemetry, maintenance, and the answers to ThingsBoard. paho's network thread
-only moves bytes and hands events to this loop.
+One asyncio event loop does the work: forwarding, health telemetry, maintenance, and the
+answers to ThingsBoard. paho's network thread only moves bytes and hands events to this
+loop. The controller queue intake runs in a worker thread with its own connection
+(controller/intake.py), so the loop never waits for the controller's lock on its queue.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ which bounds each row (message and reason) and enforces the cap.
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Sequence
 from typing import Any
 
 from teg_gateway.store.outbox import (
@@ -16,6 +18,7 @@ from teg_gateway.store.outbox import (
     add_counter,
     dead_letter_bytes,
     now_ms,
+    transaction,
     used_bytes,
 )
 
@@ -53,6 +56,23 @@ def add(conn: sqlite3.Connection, select_sql: str, params: tuple[Any, ...] = (),
     if added:
         enforce_cap(conn, cap_bytes)
     return added
+
+
+def move_from_outbox(conn: sqlite3.Connection, ids: Sequence[int], reason: str, *,
+                     cap_bytes: int = DEFAULT_CAP_BYTES) -> int:
+    """Move outbox rows that can never be sent into the dead letters, in one transaction;
+    the number moved (ids no longer in the outbox are skipped)."""
+    if not ids:
+        return 0
+    id_list = json.dumps([int(i) for i in ids])
+    with transaction(conn):
+        moved = add(conn, "SELECT NULL AS queue_id, CASE kind WHEN 1 THEN 'attributes' "
+                          "ELSE 'telemetry' END AS type, body AS message, ? AS reason "
+                          "FROM main.outbox WHERE id IN (SELECT value FROM json_each(?)) "
+                          "ORDER BY id", (reason, id_list), cap_bytes=cap_bytes)
+        conn.execute("DELETE FROM main.outbox WHERE id IN (SELECT value FROM json_each(?))",
+                     (id_list,))
+    return moved
 
 
 def enforce_cap(conn: sqlite3.Connection, cap_bytes: int) -> int:
