@@ -41,7 +41,9 @@ from pathlib import Path
 
 from teg_gateway.controller.queue import (
     BATCH_TABLE,
+    BATCH_UTF8_OK,
     FILL_BATCH,
+    NOT_UTF8,
     TOO_LARGE,
     last_health_check_ms,
     open_queue,
@@ -249,9 +251,15 @@ class IntakeCore:
         if not taken:
             return 0, after, 0, None
         limit = self.max_record_bytes
+        recount = False
         # A character takes at most 4 bytes: only then can a record be too large.
         if limit is not None and longest is not None and longest * 4 > limit:
             conn.execute(TOO_LARGE, (limit + 2, limit))
+            recount = True
+        if dead < taken and not conn.execute(BATCH_UTF8_OK).fetchone()[0]:
+            conn.execute(NOT_UTF8)
+            recount = True
+        if recount:
             dead = conn.execute("SELECT count(reason) FROM temp.intake_batch").fetchone()[0]
         return int(taken), int(last_id), int(dead), longest
 

@@ -24,13 +24,11 @@ CREATE TABLE IF NOT EXISTS health_check (
 
 # Why a row is refused (NULL when it is good). CASE stops at the first true branch, so
 # the JSON functions only ever see valid JSON text. A ``ts`` beyond 64 bits would come out
-# as a floating point number, not as written: it is refused.
+# as a floating point number, not as written: it is refused. UTF-8 is checked after, for
+# the whole batch at once (BATCH_UTF8_OK), row by row only when that fails (NOT_UTF8).
 REASON_SQL = """CASE
     WHEN message IS NULL THEN 'message is NULL'
     WHEN typeof(message) <> 'text' THEN 'message is not text but ' || typeof(message)
-    WHEN NOT utf8_ok(CAST(message AS BLOB)) THEN 'message is not valid UTF-8'
-    WHEN typeof(type) = 'text' AND NOT utf8_ok(CAST(type AS BLOB))
-        THEN 'type is not valid UTF-8'
     WHEN NOT json_valid(message) THEN 'message is not valid JSON'
     WHEN json_type(message) <> 'object' THEN 'message is not a JSON object'
     WHEN json_type(message, '$.ts') IS NULL THEN 'ts is missing'
@@ -63,6 +61,23 @@ UPDATE temp.intake_batch
 SET reason = 'record is ' || length(CAST(body AS BLOB)) || ' bytes, too large for a publish of '
              || ?1 || ' bytes (outbox.max_payload_bytes)', ts = NULL, body = NULL
 WHERE reason IS NULL AND length(body) * 4 > ?2 AND length(CAST(body AS BLOB)) > ?2
+"""
+
+
+# Each text joined with a newline: a broken sequence cannot be completed by its neighbour.
+BATCH_UTF8_OK = """
+SELECT utf8_ok(CAST(group_concat(message, char(10)) AS BLOB))
+       AND utf8_ok(CAST(group_concat(CASE WHEN typeof(type) = 'text' THEN type END, char(10))
+                        AS BLOB))
+FROM temp.intake_batch WHERE reason IS NULL
+"""
+
+NOT_UTF8 = """
+UPDATE temp.intake_batch
+SET reason = CASE WHEN NOT utf8_ok(CAST(message AS BLOB)) THEN 'message is not valid UTF-8'
+                  ELSE 'type is not valid UTF-8' END, ts = NULL, body = NULL
+WHERE reason IS NULL AND (NOT utf8_ok(CAST(message AS BLOB))
+                          OR (typeof(type) = 'text' AND NOT utf8_ok(CAST(type AS BLOB))))
 """
 
 
