@@ -78,6 +78,7 @@ BUSY_TIMEOUT_MS = 5000
 QUEUE_DELETE_WAIT_MS = 200
 SPACE_CHECK_S = 0.0  # a statvfs costs microseconds: before every round
 HEALTH_READ_S = 1.0
+HOLD_CHECK_S = 0.1
 REPORT_EVERY_S = 60.0
 
 
@@ -266,6 +267,9 @@ class IntakeCore:
     def _move(self) -> IntakeResult:
         conn = self._conn()
         result = IntakeResult()
+        if conn.execute("SELECT 1 FROM queue.messages WHERE id > ? LIMIT 1",
+                        (self.mark,)).fetchone() is None:
+            return result  # the usual idle round: one cheap look
         taken, last_id, dead, _ = self._fill(self.mark, MAX_ID)
         if not taken:
             return result
@@ -525,7 +529,7 @@ class IntakePump:
             if self.held and not held:
                 self._wake.set()
             self.held = held
-            await asyncio.sleep(self.poll_s)
+            await asyncio.sleep(max(self.poll_s, HOLD_CHECK_S))
 
     # -- the worker thread ----------------------------------------------------------------
 
