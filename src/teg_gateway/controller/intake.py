@@ -79,6 +79,7 @@ QUEUE_DELETE_WAIT_MS = 200
 SPACE_CHECK_S = 0.0  # a statvfs costs microseconds: before every round
 HEALTH_READ_S = 1.0
 HOLD_CHECK_S = 0.1
+IDLE_CHECK_S = 0.25
 REPORT_EVERY_S = 60.0
 
 
@@ -130,6 +131,7 @@ class IntakeCore:
         self.archive_error: BaseException | None = None
         self.trimmed = 0
         self._space_checked = -SPACE_CHECK_S
+        self._files_checked = -IDLE_CHECK_S
 
     # -- opening --------------------------------------------------------------------------
 
@@ -229,13 +231,21 @@ class IntakeCore:
 
     def step(self) -> IntakeResult:
         """Resume what is pending, then move one batch. Returns what was moved."""
-        self._conn()
-        self.check_files()
+        conn = self._conn()
         self.trimmed = 0
-        self.keep_free_space()
+        waiting = conn.execute("SELECT 1 FROM queue.messages WHERE id > ? LIMIT 1",
+                               (self.mark,)).fetchone() is not None
+        now = time.monotonic()
+        # Before every batch; while idle (nothing is written then) a few times a second.
+        if waiting or now - self._files_checked >= IDLE_CHECK_S:
+            self._files_checked = now
+            self.check_files()
+            self.keep_free_space()
         if self.archived < self.mark:
             self._archive_pending()
         self._delete_moved()
+        if not waiting:
+            return IntakeResult(trimmed=self.trimmed)
         result = self._move()
         if result.taken:
             self._delete_moved()
@@ -267,9 +277,6 @@ class IntakeCore:
     def _move(self) -> IntakeResult:
         conn = self._conn()
         result = IntakeResult()
-        if conn.execute("SELECT 1 FROM queue.messages WHERE id > ? LIMIT 1",
-                        (self.mark,)).fetchone() is None:
-            return result  # the usual idle round: one cheap look
         taken, last_id, dead, _ = self._fill(self.mark, MAX_ID)
         if not taken:
             return result
