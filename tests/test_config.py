@@ -264,6 +264,8 @@ def test_invalid_environment_is_a_config_error_naming_it(tmp_path: Path, env: di
     ("thingsboard = 1\n", "thingsboard"),
     ("[thingsboard\nhost = \"x\"\n", "not valid TOML"),
     ("[ota]\nurl_ca_cert = \"/no/such/ca.pem\"\n", "ota.url_ca_cert: no such file"),
+    ("[archive]\nmin_free_mb = -1\n", "archive.min_free_mb"),
+    ("[outbox]\ndead_letters_mb = 0\n", "outbox.dead_letters_mb"),
 ])
 def test_invalid_file_is_a_config_error_naming_it(tmp_path: Path, text: str,
                                                   named: str) -> None:

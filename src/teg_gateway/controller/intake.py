@@ -77,7 +77,6 @@ DEAD_ROWS = ("SELECT id AS queue_id, type, message, reason FROM temp.intake_batc
 BUSY_TIMEOUT_MS = 5000
 QUEUE_DELETE_WAIT_MS = 200
 SPACE_CHECK_S = 0.0  # a statvfs costs microseconds: before every round
-HEALTH_READ_S = 1.0
 HOLD_CHECK_S = 0.1
 IDLE_CHECK_S = 0.25
 REPORT_EVERY_S = 60.0
@@ -431,7 +430,7 @@ class IntakeCore:
         return removed
 
     def health_check_ms(self) -> int:
-        return last_health_check_ms(self._conn(), "queue")
+        return last_health_check_ms(self._conn(), "queue")  # used by the tests
 
 
 def _int(value: object) -> int:
@@ -470,7 +469,8 @@ class IntakePump:
         self._hold_task: asyncio.Task[None] | None = None
         self._release: Callable[[], None] | None = None
         self._health_ms = 0
-        self._health_read = -HEALTH_READ_S
+        self._health_conn: sqlite3.Connection | None = None
+        self._health_ident: tuple[int, int] | None = None
         self._reported: dict[str, float] = {}
 
     @property
@@ -503,6 +503,7 @@ class IntakePump:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._hold_task
         thread = self._thread
+        self._close_health()
         if thread is None:
             return
         self._stop.set()
@@ -524,8 +525,29 @@ class IntakePump:
         self._wake.set()
 
     def last_health_check_ms(self) -> int:
-        """The controller's last health check as the worker last read it (0 when none)."""
+        """The controller's last health check (ms since the epoch, 0 when none), read now.
+
+        A read of a WAL database never waits for the controller's write lock; the read
+        connection is the loop's own, read-only, and waits at most 100 ms otherwise."""
+        path = self.config.queue_path
+        try:
+            ident = db.file_id(path)
+            if self._health_conn is None or ident != self._health_ident:
+                self._close_health()
+                open_queue(path).close()
+                conn = sqlite3.connect(path, timeout=0.1, isolation_level=None)
+                conn.execute("PRAGMA query_only = 1")
+                self._health_conn, self._health_ident = conn, db.file_id(path)
+            self._health_ms = last_health_check_ms(self._health_conn)
+        except sqlite3.Error as exc:
+            log.debug("controller health check not readable: %s", exc)
+            self._close_health()
         return self._health_ms
+
+    def _close_health(self) -> None:
+        if self._health_conn is not None:
+            self._health_conn.close()
+            self._health_conn = None
 
     async def _hold_loop(self) -> None:
         while True:
@@ -559,7 +581,6 @@ class IntakePump:
         try:
             if core.conn is None:
                 core.open()
-            self._read_health(core)
             if self.held:
                 core.check_files()
                 return self.poll_s
@@ -581,13 +602,6 @@ class IntakePump:
                          f"archive: {core.archive_error}; the records are forwarded and "
                          "wait in the controller queue to be archived")
         return 0.0 if result.taken >= self.config.batch_size else self.poll_s
-
-    def _read_health(self, core: IntakeCore) -> None:
-        now = time.monotonic()
-        if now - self._health_read >= HEALTH_READ_S:
-            self._health_read = now
-            with contextlib.suppress(sqlite3.Error):
-                self._health_ms = core.health_check_ms()
 
     def _hand_over(self, result: IntakeResult) -> None:
         if self._loop is not None:
