@@ -41,14 +41,12 @@ from pathlib import Path
 
 from teg_gateway.controller.queue import (
     BATCH_TABLE,
-    BATCH_UTF8_OK,
     FILL_BATCH,
-    NOT_UTF8,
     TOO_LARGE,
+    TS_RANGE,
     last_health_check_ms,
     open_queue,
     queue_damaged,
-    utf8_ok,
 )
 from teg_gateway.store import db, deadletters
 from teg_gateway.store.outbox import TELEMETRY, add_counter, now_ms, used_bytes
@@ -148,7 +146,6 @@ class IntakeCore:
             conn.execute("ATTACH DATABASE ? AS queue", (str(cfg.queue_path),))
             conn.execute("PRAGMA queue.synchronous = NORMAL")
             self.queue_id = db.file_id(cfg.queue_path)
-            conn.create_function("utf8_ok", 1, utf8_ok, deterministic=True)
             conn.execute(BATCH_TABLE)
             conn.executescript(MARK_SCHEMA)
             self.conn = conn
@@ -255,19 +252,19 @@ class IntakeCore:
         conn = self._conn()
         conn.execute("DELETE FROM temp.intake_batch")
         conn.execute(FILL_BATCH, (after, upto, self.config.batch_size))
-        taken, last_id, dead, longest = conn.execute(
-            "SELECT count(*), max(id), count(reason), max(length(body)) "
+        taken, last_id, dead, longest, out_of_range = conn.execute(
+            "SELECT count(*), max(id), count(reason), max(length(body)), "
+            "count(CASE WHEN reason IS NULL AND typeof(ts) <> 'integer' THEN 1 END) "
             "FROM temp.intake_batch").fetchone()
         if not taken:
             return 0, after, 0, None
         limit = self.max_record_bytes
-        recount = False
+        recount = bool(out_of_range)
+        if out_of_range:
+            conn.execute(TS_RANGE)
         # A character takes at most 4 bytes: only then can a record be too large.
         if limit is not None and longest is not None and longest * 4 > limit:
             conn.execute(TOO_LARGE, (limit + 2, limit))
-            recount = True
-        if dead < taken and not conn.execute(BATCH_UTF8_OK).fetchone()[0]:
-            conn.execute(NOT_UTF8)
             recount = True
         if recount:
             dead = conn.execute("SELECT count(reason) FROM temp.intake_batch").fetchone()[0]

@@ -1,9 +1,9 @@
 """The controller's queue database (``communication_queue.db``): its schema, and the SQL
 that validates its rows.
 
-Rows are validated entirely in SQL with SQLite's JSON functions (and one small function
-for UTF-8); the intake (``controller/intake.py``) moves them to the outbox and the archive,
-malformed ones to the dead letters.
+Rows are validated entirely in SQL with SQLite's JSON functions; the intake
+(``controller/intake.py``) moves them to the outbox and the archive, malformed ones to the
+dead letters.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ CREATE TABLE IF NOT EXISTS health_check (
 
 # Why a row is refused (NULL when it is good). CASE stops at the first true branch, so
 # the JSON functions only ever see valid JSON text. A ``ts`` beyond 64 bits would come out
-# as a floating point number, not as written: it is refused. UTF-8 is checked after, for
-# the whole batch at once (BATCH_UTF8_OK), row by row only when that fails (NOT_UTF8).
+# as a floating point number, not as written: it is refused (TS_RANGE, after the batch is
+# filled, where ``ts`` is already extracted). Text is forwarded as the controller wrote it,
+# byte for byte, even when it is not valid UTF-8 (ThingsBoard replaces such bytes).
 REASON_SQL = """CASE
     WHEN message IS NULL THEN 'message is NULL'
     WHEN typeof(message) <> 'text' THEN 'message is not text but ' || typeof(message)
@@ -33,8 +34,6 @@ REASON_SQL = """CASE
     WHEN json_type(message) <> 'object' THEN 'message is not a JSON object'
     WHEN json_type(message, '$.ts') IS NULL THEN 'ts is missing'
     WHEN json_type(message, '$.ts') <> 'integer' THEN 'ts is not an integer'
-    WHEN typeof(json_extract(message, '$.ts')) <> 'integer'
-        THEN 'ts is beyond the 64-bit integer range'
     WHEN json_type(message, '$.values') IS NULL THEN 'values is missing'
     WHEN json_type(message, '$.values') <> 'object' THEN 'values is not an object'
     ELSE NULL END"""
@@ -56,39 +55,18 @@ FROM (SELECT id, type, message, {REASON_SQL} AS reason
       FROM queue.messages WHERE id > ? AND id <= ? ORDER BY id LIMIT ?)
 """
 
+TS_RANGE = """
+UPDATE temp.intake_batch
+SET reason = 'ts is beyond the 64-bit integer range', ts = NULL, body = NULL
+WHERE reason IS NULL AND typeof(ts) <> 'integer'
+"""
+
 TOO_LARGE = """
 UPDATE temp.intake_batch
 SET reason = 'record is ' || length(CAST(body AS BLOB)) || ' bytes, too large for a publish of '
              || ?1 || ' bytes (outbox.max_payload_bytes)', ts = NULL, body = NULL
 WHERE reason IS NULL AND length(body) * 4 > ?2 AND length(CAST(body AS BLOB)) > ?2
 """
-
-
-# Each text joined with a newline: a broken sequence cannot be completed by its neighbour.
-BATCH_UTF8_OK = """
-SELECT utf8_ok(CAST(group_concat(message, char(10)) AS BLOB))
-       AND utf8_ok(CAST(group_concat(CASE WHEN typeof(type) = 'text' THEN type END, char(10))
-                        AS BLOB))
-FROM temp.intake_batch WHERE reason IS NULL
-"""
-
-NOT_UTF8 = """
-UPDATE temp.intake_batch
-SET reason = CASE WHEN NOT utf8_ok(CAST(message AS BLOB)) THEN 'message is not valid UTF-8'
-                  ELSE 'type is not valid UTF-8' END, ts = NULL, body = NULL
-WHERE reason IS NULL AND (NOT utf8_ok(CAST(message AS BLOB))
-                          OR (typeof(type) = 'text' AND NOT utf8_ok(CAST(type AS BLOB))))
-"""
-
-
-def utf8_ok(value: object) -> int:
-    """SQL function ``utf8_ok(blob)``: 1 when the bytes are valid UTF-8 (or not bytes)."""
-    if isinstance(value, bytes):
-        try:
-            value.decode("utf-8")
-        except UnicodeDecodeError:
-            return 0
-    return 1
 
 
 ATTACHED_MARK = "queue"
