@@ -74,6 +74,7 @@ DEAD_ROWS = ("SELECT id AS queue_id, type, message, reason FROM temp.intake_batc
              "WHERE reason IS NOT NULL ORDER BY id")
 BUSY_TIMEOUT_MS = 5000
 QUEUE_DELETE_WAIT_MS = 200
+QUEUE_DELETE_ROWS = 500
 SPACE_CHECK_S = 0.0  # a statvfs costs microseconds: before every round
 HOLD_CHECK_S = 0.1
 IDLE_CHECK_S = 0.25
@@ -129,6 +130,7 @@ class IntakeCore:
         self.trimmed = 0
         self._space_checked = -SPACE_CHECK_S
         self._files_checked = -IDLE_CHECK_S
+        self._deleted_at = 0.0
 
     # -- opening --------------------------------------------------------------------------
 
@@ -239,12 +241,12 @@ class IntakeCore:
             self.keep_free_space()
         if self.archived < self.mark:
             self._archive_pending()
-        self._delete_moved()
+        self._delete_moved(now=not waiting)
         if not waiting:
             return IntakeResult(trimmed=self.trimmed)
         result = self._move()
         if result.taken:
-            self._delete_moved()
+            self._delete_moved(now=False)
         result.trimmed = self.trimmed
         return result
 
@@ -342,10 +344,17 @@ class IntakeCore:
             if self.archived == before:
                 return  # failed: try again at the next round
 
-    def _delete_moved(self) -> None:
+    def _delete_moved(self, now: bool = True) -> None:
+        """Step 3. While rows keep coming (``now`` false) it waits for a few hundred rows
+        or a second: one commit on the queue instead of one a batch (rows below the mark
+        are never taken again)."""
         upto = min(self.mark, self.archived)
         if upto <= self.deleted:
             return
+        if (not now and upto - self.deleted < QUEUE_DELETE_ROWS
+                and time.monotonic() - self._deleted_at < 1.0):
+            return
+        self._deleted_at = time.monotonic()
         conn = self._conn()
         conn.execute(f"PRAGMA busy_timeout = {QUEUE_DELETE_WAIT_MS}")
         try:
