@@ -269,6 +269,8 @@ def test_invalid_environment_is_a_config_error_naming_it(tmp_path: Path, env: di
     ("[rpc]\nrun_command_allow = [\"df 'unclosed\"]\n", "rpc.run_command_allow"),
     ("[rpc]\nrun_command_allow = [[]]\n", "rpc.run_command_allow"),
     ("[rpc]\nrun_command_allow = [[\"df\", 1]]\n", "rpc.run_command_allow"),
+    ("[archive]\nmin_free_mb = -1\n", "archive.min_free_mb"),
+    ("[outbox]\ndead_letters_mb = 0\n", "outbox.dead_letters_mb"),
 ])
 def test_invalid_file_is_a_config_error_naming_it(tmp_path: Path, text: str,
                                                   named: str) -> None:

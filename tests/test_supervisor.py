@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sqlite3
 import sys
 import textwrap
 import time
@@ -22,7 +21,7 @@ import pytest
 from conftest import alive
 from teg_gateway.config import Settings
 from teg_gateway.controller.docker_runtime import DockerRuntime
-from teg_gateway.controller.queue import QueueIntake
+from teg_gateway.controller.queue import QUEUE_FILE, last_health_check_ms, open_queue
 from teg_gateway.controller.runtime import (
     ControllerError,
     ControllerRuntime,
@@ -101,11 +100,18 @@ class Harness:
         self.runtime = runtime or ProcessRuntime(settings, self.state)
         self.reports: list[dict[str, Any]] = []
         self.sw_requests = 0
-        intake = QueueIntake(settings.controller_data_dir, 100)
-        conn = sqlite3.connect(":memory:")
+        queue_path = settings.controller_data_dir / QUEUE_FILE
+
+        def last_health_check() -> int:
+            conn = open_queue(queue_path)
+            try:
+                return last_health_check_ms(conn)
+            finally:
+                conn.close()
+
         self.supervisor = Supervisor(
             self.runtime, settings, self.state,
-            last_health_check_ms=lambda: intake.last_health_check_ms(conn),
+            last_health_check_ms=last_health_check,
             report=self.reports.append, request_sw_version=self._request,
             check_interval_s=0.05)
 

@@ -110,6 +110,9 @@ class OutboxSettings:
                                       check="positive")
     quota_mb: float = setting(512.0, "disk quota of the outbox; when full the oldest telemetry "
                                      "is dropped (it stays in the archive)", check="positive")
+    dead_letters_mb: float = setting(8.0, "cap of the dead letters (records that can never be "
+                                          "sent), outside the quota; the oldest are removed "
+                                          "above it", check="positive")
 
 
 @dataclass
@@ -121,10 +124,14 @@ class QueueSettings:
 
 @dataclass
 class ArchiveSettings:
-    retention_days: float = setting(30.0, "records older than this are removed",
+    retention_days: float = setting(30.0, "records older than this (counted back from the "
+                                          "newest record, with a plausible clock) are removed",
                                     check="positive")
     max_mb: float = setting(1024.0, "size cap; the oldest records are removed above it",
                             check="positive")
+    min_free_mb: float = setting(64.0, "free disk to keep on the data directory's file system: "
+                                       "below it the archive gives up its oldest records "
+                                       "(0: never)", check="non_negative")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Wires the parts together and runs the main loop.
 
-One asyncio event loop does all the work: the controller queue intake, forwarding,
-health telemetry, maintenance, and the answers to ThingsBoard. paho's network thread
-only moves bytes and hands events to this loop.
+One asyncio event loop does the work: forwarding, health telemetry, maintenance, and the
+answers to ThingsBoard. paho's network thread only moves bytes and hands events to this
+loop. The controller queue intake runs in a worker thread with its own connection
+(controller/intake.py), so the loop never waits for the controller's lock on its queue.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from teg_gateway.cloud.limits import SessionLimits, payload_room
 from teg_gateway.cloud.provision import device_name, ensure_credentials
 from teg_gateway.cloud.session import CloudSession
 from teg_gateway.config import Settings, level_number
-from teg_gateway.controller.queue import QueueIntake
+from teg_gateway.controller.intake import IntakeConfig, IntakePump, IntakeResult
+from teg_gateway.controller.queue import QUEUE_FILE
 from teg_gateway.controller.runtime import LOG_FILE_NAME as CONTROLLER_LOG_FILE
 from teg_gateway.controller.runtime import make_runtime
 from teg_gateway.controller.supervisor import Supervisor, controller_state_file
@@ -93,8 +95,14 @@ class Gateway:
         payload_limit = min(settings.outbox.max_payload_bytes, payload_room(
             settings.thingsboard.max_payload_bytes, TOPIC_TELEMETRY))
         self.stores = Stores(settings.data_dir, payload_limit)
-        self.intake = QueueIntake(settings.controller_data_dir, settings.queue.batch_size,
-                                  payload_limit)
+        self.stores.dead_letter_cap_bytes = int(settings.outbox.dead_letters_mb * 1024 * 1024)
+        self.intake = IntakePump(
+            IntakeConfig(settings.controller_data_dir / QUEUE_FILE, self.stores.outbox_path,
+                         self.stores.archive_path, settings.queue.batch_size,
+                         payload_limit, self.stores.dead_letter_cap_bytes,
+                         int(settings.archive.min_free_mb * 1024 * 1024)),
+            settings.queue.poll_interval_ms / 1000.0, on_batch=self._on_intake_batch,
+            on_stores=self._on_stores_problem, hold=self._backlogged)
         self.lag = LagMonitor()
         self.cloud_logs = CloudLogHandler(level_number(settings.logging.cloud_level),
                                           settings.logging.cloud_per_minute,
@@ -148,7 +156,6 @@ class Gateway:
                           self._rpc_init_files)
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
-        self._intake_task: asyncio.Task[Any] | None = None
         self._session_task: asyncio.Task[Any] | None = None
         self._last_reported: dict[str, float] = {}
         self._published_limits: dict[str, Any] | None = None
@@ -170,7 +177,7 @@ class Gateway:
                             "tests; credentials and data travel unencrypted.",
                             settings.thingsboard.host, settings.thingsboard.port)
             self.stores.open()
-            for problem in self.stores.problems:
+            for problem in self.stores.take_problems():
                 self.stores.outbox.put_telemetry({"gateway_problem": problem})
             # The controller, the local bus and a pending restart do not wait for
             # ThingsBoard: the device keeps working offline and unprovisioned.
@@ -185,7 +192,7 @@ class Gateway:
             stop_wait = asyncio.ensure_future(self._stopping.wait())
             # Intake runs while provisioning waits for an answer: nothing queues up in the
             # controller's database meanwhile.
-            self._intake_task = self._start(self._intake_loop())
+            self.intake.start()
             self._start(self._log_flush_loop())
             self._start(self.lag.run())
             # Databases open and intake running: ready, whether ThingsBoard is reachable or not.
@@ -287,8 +294,7 @@ class Gateway:
         await self.restart.close()
         if self.bus is not None:
             await self.bus.stop()
-        if self._intake_task is not None:
-            self._intake_task.cancel()
+        await self.intake.stop()
         if self.forwarder is not None:
             if await self.forwarder.drain(shutdown.drain_s):
                 log.info("shutdown: every publish in flight was acknowledged")
@@ -311,43 +317,48 @@ class Gateway:
 
     # -- intake ---------------------------------------------------------------------------
 
-    async def _intake_loop(self) -> None:
-        poll = self.settings.queue.poll_interval_ms / 1000.0
+    def _on_intake_batch(self, result: IntakeResult) -> None:
+        """On the loop, after each batch the intake worker moved."""
+        self.records_in += result.forwarded
+        if result.forwarded and self.forwarder is not None:
+            self.forwarder.poke()
+        if result.dead:
+            log.warning("controller queue: %d malformed row(s) moved to the dead-letter "
+                        "table: %s", result.dead, result.dead_detail)
+        if result.trimmed:
+            self._report_every("archive-space", logging.WARNING,
+                               f"free disk below archive.min_free_mb "
+                               f"({self.settings.archive.min_free_mb:g} MB): the archive gave "
+                               f"up its {result.trimmed} oldest records")
         quota = int(self.settings.outbox.quota_mb * 1024 * 1024)
-        while True:
-            try:
-                conn = self.stores.conn
-                if self._backlogged():
-                    # Connected and the outbox already holds plenty to send: let the
-                    # forwarder catch up; the rows wait, durably, in the controller queue.
-                    await asyncio.sleep(poll)
-                    continue
-                if self.intake.has_rows(conn):
-                    result = self.intake.move_batch(conn)
-                    self.records_in += result.forwarded
-                    if result.forwarded and self.forwarder is not None:
-                        self.forwarder.poke()
-                    self._dropped_unreported += self.stores.outbox.enforce_quota(quota)
-                    if self._dropped_unreported and self._report_every(
-                            "quota", logging.WARNING,
-                            f"outbox over its quota of {self.settings.outbox.quota_mb:g} MB: "
-                            f"dropped the {self._dropped_unreported} oldest telemetry records "
-                            "(they stay in the archive)"):
-                        self._dropped_unreported = 0
-                    if result.taken >= self.intake.batch_size:
-                        await asyncio.sleep(0)
-                        continue
-            except sqlite3.Error as exc:
-                if is_corruption(exc) and self.intake.queue_damaged():
-                    # The controller's file, not ours: reopening our stores would not help.
-                    self._report_every("queue-damaged", logging.ERROR,
-                                       f"the controller queue database {self.intake.path} is "
-                                       f"damaged ({exc}); its records cannot be read until it "
-                                       "is repaired or replaced")
-                else:
-                    self._on_db_error(exc, "controller queue intake")
-                await asyncio.sleep(1.0)
-            await asyncio.sleep(poll)
+        try:
+            self._dropped_unreported += self.stores.outbox.enforce_quota(quota)
+        except sqlite3.Error as exc:
+            self._on_db_error(exc, "outbox quota")
+            return
+        if self._dropped_unreported and self._report_every(
+                "quota", logging.WARNING,
+                f"outbox over its quota of {self.settings.outbox.quota_mb:g} MB: "
+                f"dropped the {self._dropped_unreported} oldest telemetry records "
+                "(they stay in the archive)"):
+            self._dropped_unreported = 0
+
+    def _on_stores_problem(self, problem: BaseException | None) -> None:
+        """On the loop, while the intake worker has its connection closed: a database file
+        of ours was deleted or replaced (``problem`` None) or is damaged."""
+        try:
+            if problem is None:
+                self.stores.reopen_replaced()
+            else:
+                self.stores.recover(problem)
+        except sqlite3.Error as again:
+            self._report_every("db-recover", logging.ERROR,
+                               f"could not reopen the databases: {again}")
+            return
+        if self.forwarder is not None:
+            self.forwarder.outbox = self.stores.outbox
+        for text in self.stores.take_problems():
+            self.report_telemetry({"gateway_problem": text})
 
     def _backlogged(self) -> bool:
         if self.session is None or not self.session.connected.is_set():
@@ -362,14 +373,7 @@ class Gateway:
             return
         self._report_every(f"db-{where}", logging.ERROR, f"{where}: database error: {exc}")
         if is_corruption(exc):
-            try:
-                self.stores.recover(exc)
-            except sqlite3.Error as again:
-                self._report_every("db-recover", logging.ERROR,
-                                   f"could not reopen the databases: {again}")
-                return
-            if self.forwarder is not None:
-                self.forwarder.outbox = self.stores.outbox
+            self.intake.release(lambda: self._on_stores_problem(exc))
 
     def _report_every(self, key: str, level: int, text: str) -> bool:
         """Log ``text``, but the same kind of problem at most once a minute; True if logged."""
@@ -426,6 +430,7 @@ class Gateway:
             "records_sent": outbox.counter("records_sent"),
             "records_dropped": outbox.counter("records_dropped"),
             "dead_letters": outbox.counter("dead_letters"),
+            "dead_letters_removed": outbox.counter("dead_letters_removed"),
             "reconnects": self.session.reconnects if self.session else 0,
             "rate_limit_disconnects": self.session.rate_limit_disconnects
             if self.session else 0,
@@ -434,10 +439,7 @@ class Gateway:
             "loop_lag_ms": round(self.lag.take(), 1),
             "logs_suppressed": self.cloud_logs.suppressed,
         }
-        try:
-            last_check = self.intake.last_health_check_ms(self.stores.conn)
-        except sqlite3.Error:
-            last_check = 0
+        last_check = self.intake.last_health_check_ms()
         if last_check:
             values["ms_since_last_controller_health_check"] = now - last_check
         if self.supervisor is not None:
@@ -584,10 +586,7 @@ class Gateway:
         return self.bus.publish(topic, payload, retain=True)
 
     def _controller_health_check_ms(self) -> int:
-        try:
-            return self.intake.last_health_check_ms(self.stores.conn)
-        except sqlite3.Error:
-            return 0
+        return self.intake.last_health_check_ms()
 
     def _publish_attributes(self, attributes: dict[str, Any]) -> None:
         """Client attributes for ThingsBoard, through the outbox."""

@@ -73,17 +73,27 @@ def save(path: Path, creds: Credentials) -> None:
     atomic_write(path, data, mode=0o600)
 
 
+class CredentialsDamaged(CredentialsError):
+    """The credentials file holds bytes no credentials have (not UTF-8, control bytes)."""
+
+
 def load(path: Path, tighten: bool = True) -> Credentials | None:
     """The saved credentials, or None when the file does not exist.
 
     ``tighten``: a file readable by others is set to mode 0600 (off for read-only tools).
     """
     try:
-        text = path.read_text().strip()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise CredentialsError(f"cannot read credentials file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CredentialsDamaged(f"credentials file {path} is damaged (not UTF-8)") from None
+    if not text.isprintable():
+        raise CredentialsDamaged(f"credentials file {path} is damaged (control characters)")
     if tighten:
         _tighten_mode(path)
     if not text:
@@ -98,6 +108,8 @@ def load(path: Path, tighten: bool = True) -> Credentials | None:
         return Credentials(MQTT_BASIC, client_id=str(value.get("clientId") or ""),
                            username=str(value.get("userName") or ""),
                            password=str(value.get("password") or ""))
+    if not text.isascii() or any(c.isspace() for c in text):
+        raise CredentialsDamaged(f"credentials file {path} is damaged (not an access token)")
     return Credentials(ACCESS_TOKEN, token=text)
 
 

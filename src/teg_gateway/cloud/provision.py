@@ -14,6 +14,7 @@ import logging
 import random
 import socket
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from teg_gateway.backoff import Backoff
 from teg_gateway.cloud import credentials as creds_mod
 from teg_gateway.cloud.credentials import Credentials, CredentialsError
 from teg_gateway.config import Settings
+from teg_gateway.fsutil import fsync_dir
 from teg_gateway.mqttlink import ConnectionLost, ConnectRefused, MqttConnection, tls_context
 
 log = logging.getLogger(__name__)
@@ -129,13 +131,32 @@ async def provision(settings: Settings, name: str) -> Credentials:
         await asyncio.sleep(delay)
 
 
+def move_aside(path: Path) -> Path:
+    """Rename a damaged file to ``<name>.damaged-<UTC time>`` (nothing is deleted)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    path.rename(target)
+    fsync_dir(path.parent)
+    return target
+
+
 async def ensure_credentials(settings: Settings) -> tuple[bool, Credentials]:
     """The saved credentials, provisioning first when there are none.
 
     Returns (created, credentials); new credentials are on disk before they are returned.
     """
     path: Path = settings.access_token_path
-    existing = creds_mod.load(path)
+    try:
+        existing = creds_mod.load(path)
+    except creds_mod.CredentialsDamaged as exc:
+        # Kept for the operator; a device that cannot log in is not reachable at all.
+        moved = move_aside(path)
+        log.error("%s; moved aside to %s; provisioning again", exc, moved.name)
+        existing = None
     if existing is not None:
         return False, existing
     name = device_name(settings.thingsboard.device_name)

@@ -6,12 +6,15 @@ retention removes them, so an operator can republish a time range later.
 
 from __future__ import annotations
 
+import datetime
 import sqlite3
 import time
 
+from teg_gateway import BUILD_DATE
 from teg_gateway.store.outbox import TELEMETRY, now_ms, transaction, used_bytes
 
 SCHEMA = """
+PRAGMA auto_vacuum = INCREMENTAL;
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
     ts INTEGER NOT NULL,
@@ -22,6 +25,8 @@ CREATE INDEX IF NOT EXISTS records_ts ON records (ts);
 """
 
 DAY_MS = 86_400_000
+BUILD_MS = int(datetime.datetime.fromisoformat(BUILD_DATE).replace(
+    tzinfo=datetime.UTC).timestamp() * 1000)
 
 
 class Archive:
@@ -58,13 +63,20 @@ class Archive:
 
     def enforce_retention(self, max_age_days: float, max_bytes: int,
                           now: float | None = None) -> int:
-        """Remove records older than the retention and the oldest above the size cap."""
-        cutoff = int(((time.time() if now is None else now) * 1000) - max_age_days * DAY_MS)
+        """Remove records older than the retention and the oldest above the size cap.
+
+        The age counts back from the newest record stored, and only while the wall clock
+        is plausible (not before the newest record, not before this version's release):
+        a clock set years ahead must not empty the archive, one back in 1970 does nothing.
+        """
         removed = 0
-        with transaction(self.conn):
-            before = self.conn.total_changes
-            self.conn.execute(f"DELETE FROM {self.schema}.records WHERE ts < ?", (cutoff,))
-            removed += self.conn.total_changes - before
+        reference = self.retention_reference_ms(time.time() if now is None else now)
+        if reference is not None:
+            cutoff = int(reference - max_age_days * DAY_MS)
+            with transaction(self.conn):
+                before = self.conn.total_changes
+                self.conn.execute(f"DELETE FROM {self.schema}.records WHERE ts < ?", (cutoff,))
+                removed += self.conn.total_changes - before
         used = self.used_bytes()
         if used > max_bytes:
             count = self.count()
@@ -78,6 +90,16 @@ class Archive:
                         f"{self.schema}.records ORDER BY ts LIMIT ?)", (to_remove,))
                     removed += self.conn.total_changes - before
         return removed
+
+
+    def retention_reference_ms(self, wall_s: float) -> int | None:
+        """The time the retention counts back from, None when the clock is not plausible."""
+        wall_ms = int(wall_s * 1000)
+        row = self.conn.execute(f"SELECT max(ts) FROM {self.schema}.records").fetchone()
+        newest = row[0] if row and isinstance(row[0], int) else None
+        if wall_ms < BUILD_MS or newest is None or wall_ms < newest:
+            return None
+        return min(wall_ms, newest)
 
 
 def republish_chunk(archive: Archive, start_ms: int, end_ms: int, after_id: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ log = logging.getLogger(__name__)
 
 CORRUPTION_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 SIDE_FILES = ("-wal", "-shm", "-journal")
+JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 
 def is_corruption(exc: BaseException) -> bool:
@@ -26,6 +28,15 @@ def is_corruption(exc: BaseException) -> bool:
 
 def is_disk_full(exc: BaseException) -> bool:
     return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+
+
+def file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file, None when it does not exist: a replaced file shows here."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def move_aside(path: Path) -> Path:
@@ -57,6 +68,8 @@ def connect(path: Path, *, synchronous: str = "FULL") -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
+        # The WAL file shrinks back after a checkpoint instead of keeping its largest size.
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
     except BaseException:
         conn.close()
         raise
@@ -97,3 +110,47 @@ def open_checked(path: Path, schema_sql: str, *, synchronous: str = "FULL",
             log.error("database %s is damaged (%s); moved aside to %s, starting a new one",
                       path, exc, moved)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+# -- small helpers shared by the stores ----------------------------------------------
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        elif self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+
+def add_counter(conn: sqlite3.Connection, name: str, amount: int, schema: str = "main") -> None:
+    if amount:
+        conn.execute(
+            f"INSERT INTO {schema}.counters (name, value) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, amount))
+
+
+def get_counter(conn: sqlite3.Connection, name: str, schema: str = "main") -> int:
+    row = conn.execute(f"SELECT value FROM {schema}.counters WHERE name = ?", (name,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def used_bytes(conn: sqlite3.Connection, schema: str) -> int:
+    """Bytes of the database file in use (free pages not counted)."""
+    page_size = conn.execute(f"PRAGMA {schema}.page_size").fetchone()[0]
+    pages = conn.execute(f"PRAGMA {schema}.page_count").fetchone()[0]
+    free = conn.execute(f"PRAGMA {schema}.freelist_count").fetchone()[0]
+    return int((pages - free) * page_size)

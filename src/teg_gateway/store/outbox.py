@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from teg_gateway.store import deadletters
+from teg_gateway.store.db import add_counter, get_counter, now_ms, transaction, used_bytes
+from teg_gateway.store.deadletters import DEAD_LETTER_CAP_BYTES, dead_letter_bytes
+
+__all__ = ["add_counter", "get_counter", "now_ms", "transaction", "used_bytes"]
 
 TELEMETRY = 0
 ATTRIBUTES = 1
@@ -20,7 +25,7 @@ ATTRIBUTES = 1
 TOPIC_TELEMETRY = "v1/devices/me/telemetry"
 TOPIC_ATTRIBUTES = "v1/devices/me/attributes"
 TOPICS = {TELEMETRY: TOPIC_TELEMETRY, ATTRIBUTES: TOPIC_ATTRIBUTES}
-KIND_NAMES = {TELEMETRY: "outbox telemetry", ATTRIBUTES: "outbox attributes"}
+KIND_NAMES = {TELEMETRY: "telemetry", ATTRIBUTES: "attributes"}
 
 # Data points of a stored telemetry record, as ThingsBoard counts them (one per key of
 # ``values``); -1 for a body that is not JSON (it can never be sent).
@@ -51,10 +56,6 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 READ_AHEAD = 4096
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 # One row read ahead: (id, kind, body, data points).
@@ -92,6 +93,7 @@ class Outbox:
         # Count each telemetry record's data points when reading ahead (only needed while
         # the server limits data points; it costs a little SQL per record).
         self.count_points = False
+        self.dead_letter_cap_bytes = DEAD_LETTER_CAP_BYTES
         self._read_upto = 0
         self._ahead: deque[Row] = deque()
         # Messages other than telemetry (client attributes): read on a cursor of their own
@@ -125,7 +127,7 @@ class Outbox:
             self.conn.executemany(
                 "INSERT INTO outbox (kind, body, created_ms) VALUES (?, ?, ?)", rows)
             if refused:
-                add_dead_letters(self.conn, refused)
+                deadletters.add_rows(self.conn, refused, cap_bytes=self.dead_letter_cap_bytes)
         if kind != TELEMETRY:
             self._others_maybe = True
 
@@ -280,13 +282,8 @@ class Outbox:
 
     def dead_letter_rows(self, ids: Sequence[int], reason: str) -> None:
         """Move outbox rows that can never be sent to the dead letters, with the reason."""
-        with transaction(self.conn):
-            rows = self.conn.execute(
-                f"SELECT kind, body FROM outbox WHERE id IN ({','.join('?' * len(ids))})",
-                list(ids)).fetchall()
-            add_dead_letters(self.conn, [(KIND_NAMES.get(kind, str(kind)), body, reason)
-                                         for kind, body in rows])
-            self.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        deadletters.move_from_outbox(self.conn, ids, reason,
+                                     cap_bytes=self.dead_letter_cap_bytes)
 
     # -- figures --------------------------------------------------------------------------
 
@@ -306,8 +303,12 @@ class Outbox:
 
         It goes down to 90 % of the quota so that the next records do not trigger it
         again at once. Returns the number of records dropped (they stay in the archive).
+        Dead letters do not count: they have a cap of their own.
         """
         used = self.used_bytes()
+        if used <= quota_bytes:
+            return 0
+        used -= dead_letter_bytes(self.conn)
         if used <= quota_bytes:
             return 0
         count = self.depth()
@@ -349,54 +350,7 @@ def _never_fits(row: Row, max_bytes: int, max_points: int | None) -> str | None:
     return None
 
 
-def add_dead_letters(conn: sqlite3.Connection, letters: Sequence[tuple[str, str, str]]) -> None:
-    """Record (type, message, reason) dead letters from the gateway's own paths (the caller
-    holds the transaction)."""
-    conn.executemany(
-        "INSERT INTO main.dead_letter (queue_id, type, message, reason, at_ms) "
-        "VALUES (NULL, ?, ?, ?, ?)",
-        [(kind, body, reason, now_ms()) for kind, body, reason in letters])
-    add_counter(conn, "dead_letters", len(letters))
-
-
 def telemetry_body(values: dict[str, object], ts_ms: int | None = None) -> str:
     """ThingsBoard's ``{"ts","values"}`` text for one record."""
     return json.dumps({"ts": now_ms() if ts_ms is None else ts_ms, "values": values},
                       separators=(",", ":"), default=str)
-
-
-class transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.conn.execute("BEGIN IMMEDIATE")
-        return self.conn
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.conn.execute("COMMIT")
-        elif self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
-
-
-def add_counter(conn: sqlite3.Connection, name: str, amount: int, schema: str = "main") -> None:
-    if amount:
-        conn.execute(
-            f"INSERT INTO {schema}.counters (name, value) VALUES (?, ?) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, amount))
-
-
-def get_counter(conn: sqlite3.Connection, name: str, schema: str = "main") -> int:
-    row = conn.execute(f"SELECT value FROM {schema}.counters WHERE name = ?", (name,)).fetchone()
-    return 0 if row is None else int(row[0])
-
-
-def used_bytes(conn: sqlite3.Connection, schema: str) -> int:
-    """Bytes of the database file in use (free pages not counted)."""
-    page_size = conn.execute(f"PRAGMA {schema}.page_size").fetchone()[0]
-    pages = conn.execute(f"PRAGMA {schema}.page_count").fetchone()[0]
-    free = conn.execute(f"PRAGMA {schema}.freelist_count").fetchone()[0]
-    return int((pages - free) * page_size)

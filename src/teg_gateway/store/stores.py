@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from teg_gateway.store import archive as archive_mod
-from teg_gateway.store import db
+from teg_gateway.store import db, deadletters
 from teg_gateway.store import outbox as outbox_mod
 from teg_gateway.store.archive import Archive
 from teg_gateway.store.outbox import Outbox, add_counter, transaction
@@ -34,6 +34,8 @@ class Stores:
         self.max_payload_bytes = max_payload_bytes
         self.problems: list[str] = []
         self._conn: sqlite3.Connection | None = None
+        self._file_ids: dict[Path, tuple[int, int] | None] = {}
+        self.dead_letter_cap_bytes = deadletters.DEFAULT_CAP_BYTES
         self.outbox: Outbox
         self.archive: Archive
 
@@ -42,22 +44,37 @@ class Stores:
         assert self._conn is not None, "stores are closed"
         return self._conn
 
-    def open(self, quick_check: bool = True) -> None:
+    def open(self, quick_check: bool = True, min_outbox_id: int = 0) -> None:
         salvaged: list[tuple[int, int, str, int]] = []
         if quick_check and self.outbox_path.exists():
             salvaged = self._salvage_if_damaged()
+        if not self.archive_path.exists():
+            _create_incremental(self.archive_path)
         archive_conn, moved = db.open_checked(self.archive_path, archive_mod.SCHEMA,
                                               quick_check=quick_check)
         archive_conn.close()
         self._note_moved(self.archive_path, moved)
+        if moved is not None:
+            _create_incremental(self.archive_path)
         conn, moved = db.open_checked(self.outbox_path, outbox_mod.SCHEMA,
                                       quick_check=quick_check)
         self._note_moved(self.outbox_path, moved)
-        conn.execute("ATTACH DATABASE ? AS archive", (str(self.archive_path),))
-        conn.execute("PRAGMA archive.synchronous = FULL")
+        try:
+            conn.execute("ATTACH DATABASE ? AS archive", (str(self.archive_path),))
+            conn.execute("PRAGMA archive.synchronous = FULL")
+            self._file_ids = {path: db.file_id(path)
+                              for path in (self.outbox_path, self.archive_path)}
+            if salvaged:
+                min_outbox_id = max(min_outbox_id, salvaged[-1][0])
+            if min_outbox_id:
+                _continue_ids(conn, min_outbox_id)
+        except BaseException:
+            conn.close()
+            raise
         self._conn = conn
         # A record is accepted if it fits a publish alone: "[" + record + "]".
         self.outbox = Outbox(conn, self.max_payload_bytes - 2)
+        self.outbox.dead_letter_cap_bytes = self.dead_letter_cap_bytes
         self.archive = Archive(conn)
         if salvaged:
             # Each record keeps its id: an acknowledgement of a publish made before the
@@ -75,14 +92,52 @@ class Stores:
             self._conn.close()
             self._conn = None
 
+    def replaced(self) -> list[Path]:
+        """Files of ours deleted or replaced since they were opened (a cheap stat each)."""
+        return [path for path, known in self._file_ids.items() if db.file_id(path) != known]
+
+    def reopen_replaced(self) -> bool:
+        """When outbox.db or archive.db was deleted or replaced while open: report it, start
+        new files, and go on. Outbox ids continue above the old ones, so that an
+        acknowledgement of a publish from the old file never deletes a new record."""
+        gone = self.replaced()
+        if not gone or self._conn is None:
+            return False
+        last_id = self._last_outbox_id()
+        for path in gone:
+            self._report(f"{path.name} was deleted or replaced while the gateway was running; "
+                         "the records it held are lost; a new one was started")
+        self.close()
+        self.open(quick_check=False, min_outbox_id=last_id)
+        return True
+
     def recover(self, error: BaseException) -> None:
         """After a corruption error at run time: move damaged files aside and reopen."""
         self._report(f"database error at run time: {error}; checking the files")
+        last_id = self._last_outbox_id()
         self.close()
-        self.open(quick_check=True)
+        self.open(quick_check=True, min_outbox_id=last_id)
+
+    def _last_outbox_id(self) -> int:
+        if self._conn is None:
+            return 0
+        try:
+            row = self._conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        except sqlite3.Error:
+            return 0
+        return int(row[0]) if row and isinstance(row[0], int) else 0
 
     def _salvage_if_damaged(self) -> list[tuple[int, int, str, int]]:
         """Read what can still be read from a damaged outbox before it is moved aside."""
+        try:
+            return self._salvage()
+        except Exception as exc:  # whatever the damage, the gateway starts
+            self._report(f"salvage of the damaged outbox failed ({exc!r}); its records are "
+                         "kept in the file moved aside")
+            return []
+
+    def _salvage(self) -> list[tuple[int, int, str, int]]:
         try:
             conn = db.connect(self.outbox_path)
         except sqlite3.DatabaseError:
@@ -102,9 +157,38 @@ class Stores:
             self._report(f"{path.name} was damaged; moved aside to {moved.name} and a new one "
                          "was started")
 
+    def take_problems(self) -> list[str]:
+        problems, self.problems = self.problems, []
+        return problems
+
     def _report(self, text: str) -> None:
         log.error("%s", text)
         self.problems.append(text)
+
+
+def _create_incremental(path: Path) -> None:
+    """Create an empty database whose file shrinks when rows are deleted (the archive gives
+    space back to the disk); this must be chosen before the file has its first page."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.executescript(archive_mod.SCHEMA)
+        conn.execute("PRAGMA journal_mode = WAL")
+    finally:
+        conn.close()
+
+
+def _continue_ids(conn: sqlite3.Connection, last_id: int) -> None:
+    """New outbox ids start above ``last_id``."""
+    with transaction(conn):
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        if row is None:
+            conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)",
+                         (last_id,))
+        elif int(row[0] or 0) < last_id:
+            conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'outbox'",
+                         (last_id,))
 
 
 SALVAGE_CHUNK = 256
@@ -137,16 +221,28 @@ def _readable_rows(conn: sqlite3.Connection) -> list[tuple[int, int, str, int]]:
                 chunk.extend(one)
                 start = int(one[0][0]) + 1
             if one is None:
-                for row in chunk:
-                    rows.append((int(row[0]), int(row[1]), str(row[2]), int(row[3])))
+                rows.extend(_usable(chunk))
                 start = _first_readable_after(read, start, top)
                 continue
         if not chunk:
             break
-        for row in chunk:
-            rows.append((int(row[0]), int(row[1]), str(row[2]), int(row[3])))
+        rows.extend(_usable(chunk))
         start = int(chunk[-1][0]) + 1
     return rows
+
+
+def _usable(chunk: list[Any]) -> list[tuple[int, int, str, int]]:
+    """The rows of ``chunk`` whose fields have the types of the schema; a damaged row (a
+    NULL or a number where text belongs, an unknown kind) is skipped and logged."""
+    good = []
+    for row_id, kind, body, created in chunk:
+        if (isinstance(row_id, int) and kind in outbox_mod.TOPICS and isinstance(body, str)
+                and isinstance(created, int)):
+            good.append((row_id, kind, body, created))
+        else:
+            log.error("salvage: outbox row %r is damaged (kind %r, body of type %s); skipped",
+                      row_id, kind, type(body).__name__)
+    return good
 
 
 def _first_readable_after(read: Callable[[int, int], list[Any] | None], bad: int,
