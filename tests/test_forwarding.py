@@ -266,6 +266,39 @@ def test_a_record_too_large_for_a_publish_is_a_dead_letter(make_gateway: Gateway
     assert gateway.stop() == 0
 
 
+def test_a_record_damaged_in_the_outbox_does_not_block_it(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, queue_writer: QueueWriter,
+        data_dir: Path, report: Report) -> None:
+    """A body damaged on disk (a flipped byte) makes ThingsBoard close the connection on the
+    publish carrying it. After the second such close on the same batch its rows are checked
+    one by one: the damaged one becomes a dead letter and everything else arrives."""
+    gateway = make_gateway()
+    gateway.start()
+    wait_connected(thingsboard, gateway)
+    thingsboard.stop()
+    queue_writer.write(make_records(300))
+    outbox = data_dir / "outbox.db"
+    wait_until(lambda: len(outbox_seqs(data_dir)) == 300, "300 records wait in the outbox",
+               gateway)
+    assert gateway.stop() == 0
+    conn = sqlite3.connect(outbox)
+    with conn:
+        conn.execute("UPDATE outbox SET body = substr(body, 1, 20) WHERE id = (SELECT id "
+                     "FROM outbox WHERE kind = 0 AND body LIKE '%\"seq\":150,%')")
+    conn.close()
+    thingsboard.start()
+    gateway.start()
+
+    result = wait_delivered(thingsboard, [s for s in range(300) if s != 150], gateway)
+
+    [(reason,)] = query(outbox, "SELECT reason FROM dead_letter")
+    assert reason == "damaged in the outbox: not valid JSON text"
+    assert thingsboard.bad_payload_closes <= 2
+    assert result.unexpected == []
+    report(f"damaged record in the outbox: {result.describe()}, "
+           f"{thingsboard.bad_payload_closes} close(s) on it before it was set aside")
+
+
 def test_a_new_row_is_forwarded_promptly_while_idle(make_gateway: GatewayFactory,
                                                     thingsboard: FakeThingsBoard,
                                                     queue_writer: QueueWriter) -> None:

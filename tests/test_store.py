@@ -417,6 +417,25 @@ def test_batches_fit_the_server_limits_and_what_never_fits_is_a_dead_letter(
     assert outbox.depth() == 31
 
 
+def test_damaged_bodies_are_found_row_by_row(stores: Stores) -> None:
+    outbox = stores.outbox
+    outbox.put(TELEMETRY, [telemetry_body({"seq": i}, i) for i in range(6)])
+    outbox.put_attributes({"attr": 1})
+    damaged = {2: b'{"ts":2,"values":{"seq"', 3: b'{"ts":3,"values":{"seq":\xff}}',
+               4: b'{"ts":"4","values":{}}', 7: b'[1]'}
+    for row_id, body in damaged.items():
+        stores.conn.execute("UPDATE outbox SET body = CAST(? AS TEXT) WHERE id = ?",
+                            (body, row_id))
+    assert outbox.check_rows(1, 7) == 4
+    assert [r[0] for r in stores.conn.execute("SELECT id FROM outbox ORDER BY id")] == [1, 5, 6]
+    reasons = sorted(r for (r,) in stores.conn.execute("SELECT reason FROM dead_letter"))
+    assert reasons == ["damaged in the outbox: not a JSON object",
+                       "damaged in the outbox: not a {ts, values} record",
+                       "damaged in the outbox: not valid JSON text",
+                       "damaged in the outbox: not valid JSON text"]
+    assert outbox.check_rows(1, 7) == 0
+
+
 def test_a_batch_put_back_is_handed_out_again_and_can_grow(stores: Stores) -> None:
     outbox = stores.outbox
     outbox.put(TELEMETRY, [telemetry_body({"seq": i}, i) for i in range(3)])

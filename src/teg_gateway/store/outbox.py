@@ -280,6 +280,22 @@ class Outbox:
             self.conn.execute("PRAGMA main.synchronous = FULL")
         return removed
 
+    def check_rows(self, first_id: int, last_id: int) -> int:
+        """Check the rows ``first_id..last_id`` one by one, as ThingsBoard would read them;
+        a damaged one goes to the dead letters. Returns how many did."""
+        bad: dict[str, list[int]] = {}
+        for row_id, kind, body in self.conn.execute(
+                "SELECT id, kind, CAST(body AS BLOB) FROM outbox WHERE id BETWEEN ? AND ?",
+                (first_id, last_id)):
+            reason = _damage(kind, body)
+            if reason is not None:
+                bad.setdefault(reason, []).append(row_id)
+        for reason, ids in bad.items():
+            self.dead_letter_rows(ids, reason)
+        if bad:
+            self.rewind()
+        return sum(len(ids) for ids in bad.values())
+
     def dead_letter_rows(self, ids: Sequence[int], reason: str) -> None:
         """Move outbox rows that can never be sent to the dead letters, with the reason."""
         deadletters.move_from_outbox(self.conn, ids, reason,
@@ -347,6 +363,20 @@ def _never_fits(row: Row, max_bytes: int, max_points: int | None) -> str | None:
     if kind == TELEMETRY and max_points is not None and points > max_points:
         return (f"record has {points} data points; the server's telemetryDataPoints limit "
                 f"allows at most {max_points} in one publish")
+    return None
+
+
+def _damage(kind: int, body: bytes) -> str | None:
+    """Why a stored body is not what ThingsBoard accepts (None: it is)."""
+    try:
+        value = json.loads(body)
+    except ValueError:  # UnicodeDecodeError included
+        return "damaged in the outbox: not valid JSON text"
+    if not isinstance(value, dict):
+        return "damaged in the outbox: not a JSON object"
+    if kind == TELEMETRY and not (isinstance(value.get("ts"), int)
+                                  and isinstance(value.get("values"), dict)):
+        return "damaged in the outbox: not a {ts, values} record"
     return None
 
 
