@@ -17,6 +17,7 @@ HEALTH_KEYS: tuple[str, ...] = (
     "records_sent",
     "records_dropped",
     "dead_letters",
+    "dead_letters_removed",
     "reconnects",
     "rate_limited_ms",
     "rate_limit_disconnects",

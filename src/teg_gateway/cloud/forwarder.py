@@ -45,7 +45,7 @@ class Forwarder:
         self.telemetry_records = 0
         self.points = 0
         self._inflight: deque[tuple[Batch, asyncio.Future[None], float]] = deque()
-        self._stuck: int | None = None
+        self._stuck: set[int] = set()
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -189,9 +189,9 @@ class Forwarder:
     def _settle(self) -> None:
         """After a connection ends: keep what was acknowledged, forget the rest.
 
-        The oldest batch left unacknowledged is remembered: when a batch starting with the
-        same row is left so at the next end too, its rows are checked one by one (a body
-        damaged on disk would otherwise make ThingsBoard close every connection on it)."""
+        The batches left unacknowledged are remembered: one starting with the same row
+        left so at the next end too has its rows checked one by one (a body damaged on
+        disk would otherwise make ThingsBoard close every connection on it)."""
         acked: list[Batch] = []
         unacked: list[Batch] = []
         for batch, fut, _ in self._inflight:
@@ -202,19 +202,22 @@ class Forwarder:
                 fut.cancel()
         self._inflight.clear()
         self._ack(acked)
-        oldest = min(unacked, key=lambda b: b.first_id) if unacked else None
-        if oldest is not None and self._stuck == oldest.first_id:
-            try:
-                bad = self.outbox.check_rows(oldest.first_id, oldest.last_id)
-            except sqlite3.Error as exc:
-                bad = 0
-                if self.on_db_error:
-                    self.on_db_error(exc)
-            if bad:
-                log.error("%d damaged record(s) in the outbox moved to the dead letters: the "
-                          "server closed the connection on them twice", bad)
-        self._stuck = None if oldest is None else oldest.first_id
+        for batch in unacked:
+            if batch.first_id in self._stuck:
+                self._check(batch)
+        self._stuck = {batch.first_id for batch in unacked}
         self.idle.set()
+
+    def _check(self, batch: Batch) -> None:
+        try:
+            bad = self.outbox.check_rows(batch.first_id, batch.last_id)
+        except sqlite3.Error as exc:
+            if self.on_db_error:
+                self.on_db_error(exc)
+            return
+        if bad:
+            log.error("%d damaged record(s) in the outbox moved to the dead letters: the "
+                      "server closed the connection on them twice", bad)
 
     async def drain(self, deadline_s: float) -> bool:
         """Stop sending new batches and wait for those in flight; True if all were acked."""
