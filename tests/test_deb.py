@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from container_engine import CONTAINERS_CONF
 from teg_gateway import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,16 +251,6 @@ def test_install_run_reinstall_and_purge(deb: Path, purge_at_the_end: None) -> N
 
 
 # -- under a real systemd (on demand) -------------------------------------------------------
-
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits = ["nofile=1024:1024", "nproc=4096:4096"]
-
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-"""
 
 PUBLISH_RESTART = """\
 import json, time
