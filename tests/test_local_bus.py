@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import threading
 import time
 import uuid
@@ -543,3 +544,36 @@ def test_an_absent_local_broker_holds_nothing_up(make_gateway: GatewayFactory,
         assert gateway.running
     finally:
         local.stop()
+
+
+@needs_mosquitto
+def test_a_100_kb_local_message_is_a_dead_letter_and_blocks_nothing(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, local_broker: Mosquitto,
+        data_dir: Path, report: Callable[[str], None]) -> None:
+    """ThingsBoard closes the connection on a publish above its maximum: a local message too
+    large for one publish must never reach the forwarder, whatever path it takes."""
+    gateway = make_gateway(config=local_config(local_broker))
+    gateway.start()
+    wait_connected(thingsboard, gateway)
+    with BusClient(local_broker, [HEALTH_TOPIC]) as bus:
+        bus.wait_for_document(HEALTH_TOPIC, is_up, "health up", gateway)
+        bus.publish(f"{MAIN}/m/diag", {"blob": "x" * 100_000})
+        for seq in range(300):
+            bus.publish(f"{MAIN}/m/env", {"seq": seq})
+        started = time.monotonic()
+        wait_until(lambda: len(thingsboard.telemetry_values("seq")) >= 300,
+                   "the 300 records behind the large message arrive", gateway)
+        arrived_s = time.monotonic() - started
+    ping_started = time.monotonic()
+    assert thingsboard.rpc("ping", timeout=10.0)
+    ping_ms = (time.monotonic() - ping_started) * 1000
+    assert sorted(thingsboard.telemetry_values("seq")) == list(range(300))
+    assert thingsboard.closes == []
+    conn = sqlite3.connect(data_dir / "outbox.db")
+    try:
+        [(reason,)] = conn.execute("SELECT reason FROM dead_letter").fetchall()
+    finally:
+        conn.close()
+    assert "larger than" in reason
+    report(f"100 KB local message: dead letter ({reason}); the 300 records behind it arrived "
+           f"{arrived_s:.1f} s after the last was published, ping {ping_ms:.0f} ms, no cut")
