@@ -19,16 +19,13 @@ class Backoff:
         self.maximum = maximum
         self._rng = rng or random.Random()
         self._step = minimum
-        self.attempts = 0
 
     def next_delay(self) -> float:
         """The delay before the next attempt; each call grows the following one."""
         step = self._step
         self._step = min(self._step * 2, self.maximum)
-        self.attempts += 1
         return self._rng.uniform(step / 2, step)
 
     def reset(self) -> None:
         """Start again from the minimum (after a success)."""
         self._step = self.minimum
-        self.attempts = 0

@@ -490,9 +490,7 @@ class Gateway:
             self._on_attributes(payload, "update")
         elif topic.startswith(topics.ATTRIBUTE_RESPONSE):
             self._on_attributes(payload, "response")
-        elif self.ota.on_message(topic, payload):
-            pass
-        else:
+        elif not self.ota.on_message(topic, payload):
             log.debug("message on %s ignored", topic)
 
     def _on_attributes(self, payload: bytes, kind: str) -> None:

@@ -58,7 +58,6 @@ class LocalBus:
         self.connected = asyncio.Event()
         self.connection: MqttConnection | None = None
         self.mapped = 0
-        self.rejected = 0
         self._stopping = asyncio.Event()
         # Retained alarms, twin values and health come again on every connect: forward
         # only what changed.
@@ -182,7 +181,6 @@ class LocalBus:
         try:
             mapped = topics.map_message(parsed, payload)
         except MappingError as exc:
-            self.rejected += 1
             log.warning("local message on %s refused: %s", topic, exc)
             return
         if mapped is not None:

@@ -89,7 +89,6 @@ SHARED_KEYS = ("sw_title", "sw_version", "sw_size", "sw_checksum", "sw_checksum_
 CHUNK_RESPONSE = "v2/sw/response/"
 CHUNK_REQUEST = "v2/sw/request/"
 ERROR_TOPICS = ("v2/fw/error", "v2/sw/error")
-ATTRIBUTE_REQUEST = "v1/devices/me/attributes/request/"
 ALGORITHMS = ("MD5", "SHA256", "SHA384", "SHA512", "CRC32", "MURMUR3_32", "MURMUR3_128")
 #: A new version that fails this many times after the switch is crash-looping.
 CRASH_LIMIT = 3
@@ -333,7 +332,6 @@ class OtaManager:
         self._connected = asyncio.Event()
         self._reconnected = asyncio.Event()
         self._pending: tuple[str, int, asyncio.Future[bytes]] | None = None
-        self._attribute_request = 0
 
     def _state_damaged(self, loaded: Loaded) -> None:
         """``ota.json`` was damaged (and moved aside): whatever update it described is
