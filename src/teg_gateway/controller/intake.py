@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from teg_gateway.controller import watch
 from teg_gateway.controller.queue import (
     BATCH_TABLE,
     FILL_BATCH,
@@ -79,6 +80,13 @@ SPACE_CHECK_S = 0.0  # a statvfs costs microseconds: before every round
 HOLD_CHECK_S = 0.1
 IDLE_CHECK_S = 0.25
 REPORT_EVERY_S = 60.0
+# Woken by a write to the queue's files, the intake looks after SETTLE_S (the write that
+# woke it is the first of a commit, which becomes visible once the controller's fsync is
+# done); finding nothing, it looks again after each of RECHECK_S, then waits for the next
+# write, or at the latest FALLBACK_S (also what catches writes inotify cannot see).
+SETTLE_S = 0.001
+RECHECK_S = (0.002, 0.008, 0.032, 0.128)
+FALLBACK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -469,8 +477,12 @@ class IntakePump:
         self.hold = hold
         self.held = False
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wake: watch.Wakeup | None = None
         self._thread: threading.Thread | None = None
+        # Rounds of the worker, and why it woke up for them (read by tests and benchmarks).
+        self.rounds = 0
+        self.woken: dict[str, int] = {watch.SET: 0, watch.CHANGE: 0, watch.TIMEOUT: 0}
+        self._took = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hold_task: asyncio.Task[None] | None = None
         self._release: Callable[[], None] | None = None
@@ -491,15 +503,29 @@ class IntakePump:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def watching(self) -> bool:
+        """True while a commit to the queue wakes the intake at once (inotify)."""
+        return self._wake is not None and self._wake.watching
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop.clear()
+        queue = self.config.queue_path
+        self._wake = watch.Wakeup(queue.parent, (queue.name, queue.name + "-wal"))
+        if not self._wake.watching:
+            log.info("changes of %s cannot be watched; looking for new rows every %g ms",
+                     queue, self.poll_s * 1000)
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
         self._thread.start()
         self._hold_task = asyncio.ensure_future(self._hold_loop())
 
     def poke(self) -> None:
-        self._wake.set()
+        self._set_wake()
+
+    def _set_wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Let the worker finish its round (a transaction under way commits or rolls back)
@@ -513,12 +539,14 @@ class IntakePump:
         if thread is None:
             return
         self._stop.set()
-        self._wake.set()
+        self._set_wake()
         await asyncio.get_running_loop().run_in_executor(None, thread.join, timeout)
         if thread.is_alive():
             log.error("the intake did not stop within %.0f s; its transaction is abandoned "
                       "(SQLite rolls it back) and its rows stay in the controller queue",
                       timeout)
+        elif self._wake is not None:
+            self._wake.close()
         self._thread = None
 
     def release(self, action: Callable[[], None]) -> None:
@@ -528,7 +556,7 @@ class IntakePump:
             action()
             return
         self._release = action
-        self._wake.set()
+        self._set_wake()
 
     def last_health_check_ms(self) -> int:
         """The controller's last health check (ms since the epoch, 0 when none), read now.
@@ -562,7 +590,7 @@ class IntakePump:
             except Exception:  # a closed store during recovery: keep going
                 held = False
             if self.held and not held:
-                self._wake.set()
+                self._set_wake()
             self.held = held
             await asyncio.sleep(max(self.poll_s, HOLD_CHECK_S))
 
@@ -570,14 +598,40 @@ class IntakePump:
 
     def _run(self) -> None:
         core = IntakeCore(self.config)
+        wake = self._wake
+        assert wake is not None
+        rechecks = len(RECHECK_S)  # none pending
         try:
             while not self._stop.is_set():
+                self._took = 0
                 delay = self._round(core)
-                if delay > 0:
-                    self._wake.wait(delay)
-                    self._wake.clear()
+                self.rounds += 1
+                if delay <= 0:
+                    continue
+                idle = delay == self._idle_s()
+                if self._took:
+                    rechecks = len(RECHECK_S)
+                if idle and rechecks < len(RECHECK_S):
+                    cause = wake.wait(RECHECK_S[rechecks])
+                    rechecks += 1
+                    if cause == watch.TIMEOUT:
+                        continue  # a second look after a change, not a wake-up
+                else:
+                    if idle and not wake.watching:
+                        wake.rewatch()  # the directory was replaced, or came late
+                    cause = wake.wait(delay)
+                self.woken[cause] += 1
+                if cause == watch.CHANGE:
+                    rechecks = 0
+                    time.sleep(SETTLE_S)
         finally:
             core.close()
+
+    def _idle_s(self) -> float:
+        """How long to wait when nothing is waiting in the queue."""
+        wake = self._wake
+        return max(self.poll_s, FALLBACK_S) if wake is not None and wake.watching \
+            else self.poll_s
 
     def _round(self, core: IntakeCore) -> float:
         """One round of the worker; returns how long to wait before the next one."""
@@ -591,6 +645,7 @@ class IntakePump:
                 core.check_files()
                 return self.poll_s
             result = core.step()
+            self._took = result.taken
         except StoresReplaced:
             self._release = lambda: self.on_stores(None)
             return 0.0
@@ -607,7 +662,7 @@ class IntakePump:
             self._report("archive", logging.ERROR,
                          f"archive: {core.archive_error}; the records are forwarded and "
                          "wait in the controller queue to be archived")
-        return 0.0 if result.taken >= self.config.batch_size else self.poll_s
+        return 0.0 if result.taken >= self.config.batch_size else self._idle_s()
 
     def _hand_over(self, result: IntakeResult) -> None:
         if self._loop is not None:

@@ -1,0 +1,99 @@
+"""The intake sleeps until the controller commits (inotify), or polls where it cannot."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from teg_gateway.controller import intake, watch
+from teg_gateway.controller.intake import IntakeConfig, IntakePump, IntakeResult
+from teg_gateway.sandbox.controller import QueueWriter, make_records
+from teg_gateway.store.stores import Stores
+
+MAX_PAYLOAD = 49152
+WAIT_S = 20.0  # generous: only how long a failing test takes to fail
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[Stores]:
+    opened = Stores(tmp_path / "gateway", MAX_PAYLOAD)
+    opened.open()
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def writer(tmp_path: Path) -> Iterator[QueueWriter]:
+    queue_writer = QueueWriter(tmp_path / "controller")
+    yield queue_writer
+    queue_writer.close()
+
+
+@pytest.fixture
+def no_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback poll far away: only a change (or a set) can wake the intake."""
+    monkeypatch.setattr(intake, "FALLBACK_S", 3600.0)
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def make_pump(stores: Stores, writer: QueueWriter, taken: list[IntakeResult]) -> IntakePump:
+    config = IntakeConfig(writer.path, stores.outbox_path, stores.archive_path, 1000,
+                          MAX_PAYLOAD)
+    return IntakePump(config, 0.02, on_batch=taken.append, on_stores=lambda _p: None,
+                      hold=lambda: False)
+
+
+def outbox_seqs(stores: Stores) -> list[int]:
+    return [json.loads(b)["values"]["seq"] for (b,) in stores.conn.execute(
+        "SELECT body FROM outbox ORDER BY id")]
+
+
+def test_without_inotify_the_intake_polls_at_its_interval(
+        stores: Stores, writer: QueueWriter, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_inotify(_cls: type[watch._Inotify]) -> None:
+        return None
+
+    monkeypatch.setattr(watch._Inotify, "open", classmethod(no_inotify))
+    taken: list[IntakeResult] = []
+
+    async def scenario() -> None:
+        pump = make_pump(stores, writer, taken)
+        pump.start()
+        try:
+            assert not pump.watching
+            writer.write(make_records(3))
+            await until(lambda: sum(r.taken for r in taken) >= 3, "the records")
+            await until(lambda: pump.woken[watch.TIMEOUT] >= 20, "polling rounds")
+        finally:
+            await pump.stop()
+
+    asyncio.run(scenario())
+    assert outbox_seqs(stores) == [0, 1, 2]
+
+
+def test_a_wakeup_reports_only_writes_to_the_watched_names(tmp_path: Path) -> None:
+    wake = watch.Wakeup(tmp_path, ("queue.db", "queue.db-wal"))
+    try:
+        assert wake.watching
+        assert wake.wait(0.0) == watch.TIMEOUT
+        (tmp_path / "outbox.db").write_bytes(b"x")  # another file in the directory
+        assert wake.wait(0.05) == watch.TIMEOUT
+        (tmp_path / "queue.db-wal").write_bytes(b"x")
+        assert wake.wait(WAIT_S) == watch.CHANGE
+        assert wake.wait(0.0) == watch.TIMEOUT  # every pending event was read
+        wake.set()
+        assert wake.wait(WAIT_S) == watch.SET
+    finally:
+        wake.close()
+    wake.set()  # harmless after close
