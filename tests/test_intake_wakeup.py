@@ -1,4 +1,9 @@
-"""The intake sleeps until the controller commits (inotify), or polls where it cannot."""
+"""The intake sleeps until the controller commits: counted in rounds, never in time.
+
+An idle intake makes (almost) no rounds, and a record committed by the controller is
+taken by a round woken by that commit, not by the fallback timer (set here far beyond the
+test's waits, so a record taken at all was taken on the change).
+"""
 
 from __future__ import annotations
 
@@ -57,6 +62,58 @@ def make_pump(stores: Stores, writer: QueueWriter, taken: list[IntakeResult]) ->
 def outbox_seqs(stores: Stores) -> list[int]:
     return [json.loads(b)["values"]["seq"] for (b,) in stores.conn.execute(
         "SELECT body FROM outbox ORDER BY id")]
+
+
+def test_an_idle_intake_makes_almost_no_rounds(stores: Stores, writer: QueueWriter) -> None:
+    taken: list[IntakeResult] = []
+
+    async def scenario() -> tuple[int, dict[str, int]]:
+        pump = make_pump(stores, writer, taken)
+        pump.start()
+        try:
+            await until(lambda: pump.rounds >= 1, "the first round")
+            assert pump.watching
+            before = pump.rounds
+            await asyncio.sleep(3.0)  # idle; a 20 ms poll would make ~150 rounds here
+            return pump.rounds - before, dict(pump.woken)
+        finally:
+            await pump.stop()
+
+    idle_rounds, woken = asyncio.run(scenario())
+    # The fallback poll (1 s) and the hold checks; nothing per 20 ms.
+    assert idle_rounds <= 3 / intake.FALLBACK_S + 3, (idle_rounds, woken)
+    assert not taken
+
+
+def test_a_committed_record_is_taken_on_the_change_not_on_a_timer(
+        stores: Stores, writer: QueueWriter, no_fallback: None) -> None:
+    taken: list[IntakeResult] = []
+
+    async def scenario() -> tuple[int, dict[str, int]]:
+        pump = make_pump(stores, writer, taken)
+        pump.start()
+        try:
+            await until(lambda: pump.rounds >= 1, "the first round")
+            assert pump.watching
+            await asyncio.sleep(0.2)  # the first round's own writes settle
+            rounds = pump.rounds
+            changes = pump.woken[watch.CHANGE]
+            for seq in range(5):
+                writer.write(make_records(1, start_seq=seq))
+                wanted = seq + 1
+                await until(lambda: sum(r.taken for r in taken) >= wanted,  # noqa: B023
+                            f"record {seq} in the outbox")
+            assert pump.woken[watch.TIMEOUT] == 0  # never woken by the (far) timer
+            assert pump.woken[watch.CHANGE] > changes
+            return pump.rounds - rounds, dict(pump.woken)
+        finally:
+            await pump.stop()
+
+    used, woken = asyncio.run(scenario())
+    # A round on the change, a few second looks and the intake's own queue delete: a
+    # handful per record, not a poll's worth.
+    assert used <= 5 * (2 + len(intake.RECHECK_S)) + 10, (used, woken)
+    assert outbox_seqs(stores) == [0, 1, 2, 3, 4]
 
 
 def test_without_inotify_the_intake_polls_at_its_interval(
