@@ -154,3 +154,42 @@ def test_a_wakeup_reports_only_writes_to_the_watched_names(tmp_path: Path) -> No
     finally:
         wake.close()
     wake.set()  # harmless after close
+
+
+def test_a_backlog_holds_the_intake_and_its_release_resumes_it(
+        stores: Stores, writer: QueueWriter) -> None:
+    """``hold()`` is asked after every batch (so a backlog stops the intake within a batch
+    or two), often while held, and seldom while not held."""
+    taken: list[IntakeResult] = []
+    released = False
+
+    def backlogged() -> bool:
+        return not released and len(taken) >= 2
+
+    async def scenario() -> None:
+        nonlocal released
+        config = IntakeConfig(writer.path, stores.outbox_path, stores.archive_path, 1000,
+                              MAX_PAYLOAD)
+        pump = IntakePump(config, 0.02, on_batch=taken.append, on_stores=lambda _p: None,
+                          hold=backlogged)
+        pump.start()
+        try:
+            await until(lambda: pump.rounds >= 1, "the first round")
+            await asyncio.sleep(0.1)
+            checks = pump.hold_checks
+            await asyncio.sleep(3.0)  # idle, not held
+            assert pump.hold_checks - checks <= 3 / intake.HOLD_IDLE_S + 2
+            writer.write(make_records(10_000))
+            await until(lambda: pump.held, "the hold")
+            batches = len(taken)
+            assert batches < 10
+            rounds = pump.rounds
+            await until(lambda: pump.rounds >= rounds + 10, "rounds while held")
+            assert len(taken) == batches  # nothing taken while held
+            released = True
+            await until(lambda: sum(r.taken for r in taken) >= 10_000, "the rest")
+        finally:
+            await pump.stop()
+
+    asyncio.run(scenario())
+    assert outbox_seqs(stores) == list(range(10_000))

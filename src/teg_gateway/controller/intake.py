@@ -77,7 +77,8 @@ BUSY_TIMEOUT_MS = 5000
 QUEUE_DELETE_WAIT_MS = 200
 QUEUE_DELETE_ROWS = 500
 SPACE_CHECK_S = 0.0  # a statvfs costs microseconds: before every round
-HOLD_CHECK_S = 0.1
+HOLD_CHECK_S = 0.1  # while held: how soon a release is seen
+HOLD_IDLE_S = 1.0  # while not held (a batch handed over checks at once)
 IDLE_CHECK_S = 0.25
 REPORT_EVERY_S = 60.0
 # Page cache of the intake's connection (SQLite's default: 2 MiB a database). It appends
@@ -470,7 +471,8 @@ class IntakePump:
     ``on_batch(result)`` runs on the loop after each batch. ``on_stores(problem)`` runs on
     the loop while the worker has closed its connection: ``problem`` is None when
     outbox.db or archive.db was found deleted or replaced, else the corruption error.
-    ``hold()`` (on the loop) pauses the intake while it is true.
+    ``hold()`` (on the loop) pauses the intake while it is true: it is asked after every
+    batch, then every ``HOLD_CHECK_S`` while true and every ``HOLD_IDLE_S`` otherwise.
     """
 
     def __init__(self, config: IntakeConfig, poll_s: float, *,
@@ -489,6 +491,8 @@ class IntakePump:
         # Rounds of the worker, and why it woke up for them (read by tests and benchmarks).
         self.rounds = 0
         self.woken: dict[str, int] = {watch.SET: 0, watch.CHANGE: 0, watch.TIMEOUT: 0}
+        self.hold_checks = 0
+        self._hold_kick = asyncio.Event()  # held now: check again soon, not in HOLD_IDLE_S
         self._took = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hold_task: asyncio.Task[None] | None = None
@@ -592,14 +596,28 @@ class IntakePump:
 
     async def _hold_loop(self) -> None:
         while True:
-            try:
-                held = bool(self.hold())
-            except Exception:  # a closed store during recovery: keep going
-                held = False
-            if self.held and not held:
-                self._set_wake()
-            self.held = held
-            await asyncio.sleep(max(self.poll_s, HOLD_CHECK_S))
+            self._check_hold()
+            self._hold_kick.clear()
+            delay = max(self.poll_s, HOLD_CHECK_S) if self.held else HOLD_IDLE_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hold_kick.wait(), delay)
+
+    def _check_hold(self) -> None:
+        self.hold_checks += 1
+        try:
+            held = bool(self.hold())
+        except Exception:  # a closed store during recovery: keep going
+            held = False
+        if self.held and not held:
+            self._set_wake()
+        elif held and not self.held:
+            self._hold_kick.set()
+        self.held = held
+
+    def _batch_done(self, result: IntakeResult) -> None:
+        self.on_batch(result)
+        if result.taken:
+            self._check_hold()
 
     # -- the worker thread ----------------------------------------------------------------
 
@@ -674,7 +692,7 @@ class IntakePump:
     def _hand_over(self, result: IntakeResult) -> None:
         if self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed at exit
-                self._loop.call_soon_threadsafe(self.on_batch, result)
+                self._loop.call_soon_threadsafe(self._batch_done, result)
 
     def _on_error(self, core: IntakeCore, exc: sqlite3.Error) -> float:
         if db.is_disk_full(exc):
