@@ -22,6 +22,12 @@ Either way every telemetry payload that arrived goes to a lean counter,
 
 Two phases:
 
+baseline (before throughput, unless ``--no-baseline``)
+    A bare paho client sends the same N records, pre-built into JSON arrays of the
+    gateway's payload size (49,152 bytes), QoS 1, 8 publishes in flight, over TLS to the
+    same cloud side, in the same run: what the machine and the cloud side allow without
+    the gateway. The gateway's records/s are reported as a ratio of it.
+
 throughput
     ``--records`` N rows are written to the queue before the gateway starts. Measured:
     the time from starting the gateway (and, separately, from the first record received)
@@ -49,6 +55,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -80,7 +87,10 @@ FILL_CHUNK = 100_000
 LATENCY_PERIOD_S = 0.010
 SAMPLE_PERIOD_S = 0.05
 PROGRESS_PERIOD_S = 2.0
-IDLE_S = 3.0
+IDLE_S = 10.0  # /proc counts CPU in 10 ms ticks: 0.1 % of a core over 10 s
+# The bare client: what the gateway sends with its default settings.
+BASELINE_PAYLOAD_BYTES = 49_152  # outbox.max_payload_bytes
+BASELINE_INFLIGHT = 8  # outbox.max_inflight
 
 # What the issue asks for (a 2-core machine).
 TARGET_RATE = 50_000.0
@@ -90,6 +100,7 @@ TARGET_P99_MS = 100.0
 TARGET_PEAK_MB = 80.0
 TARGET_UTILISATION = 0.9
 TARGET_PACED_CPU_PERCENT = 2.0
+TARGET_BASELINE_RATIO = 0.6
 # The rate-limited phase: limits of a ThingsBoard Cloud-like tenant profile.
 LIMITED = Limits(messages="60:1,1800:60", telemetry_messages="20:1,600:60",
                  telemetry_data_points="400:1,6000:60", max_payload_size=8192)
@@ -543,6 +554,104 @@ class ThroughputResult:
     gateway_stop_s: float
     closes: list[str]
     timeline: list[dict[str, float]]
+    baseline: BaselineResult | None = None
+    # Gateway records/s (from its start; from the first record) / the bare client's.
+    baseline_ratio: float | None = None
+    baseline_ratio_from_first: float | None = None
+
+
+# -- the bare paho client (same run, same cloud side) ----------------------------------------
+
+
+@dataclass
+class BaselineResult:
+    records: int
+    publishes: int
+    payload_bytes_max: int
+    inflight: int
+    seconds: float
+    records_per_s: float
+
+
+def baseline_payloads(count: int, max_bytes: int = BASELINE_PAYLOAD_BYTES) -> list[bytes]:
+    """``count`` records (``make_records``: the rows the gateway forwards) packed into JSON
+    arrays of at most ``max_bytes``, as the gateway's outbox packs them."""
+    payloads: list[bytes] = []
+    for start in range(0, count, FILL_CHUNK):
+        bodies = [body.encode() for _, body in
+                  make_records(min(FILL_CHUNK, count - start), start_seq=start)]
+        chunk: list[bytes] = []
+        size = 2
+        for body in bodies:
+            if chunk and size + len(body) + 1 > max_bytes:
+                payloads.append(b"[" + b",".join(chunk) + b"]")
+                chunk, size = [], 2
+            chunk.append(body)
+            size += len(body) + (1 if len(chunk) > 1 else 0)
+        if chunk:
+            payloads.append(b"[" + b",".join(chunk) + b"]")
+    return payloads
+
+
+def run_baseline(parts: Rig, count: int, timeout: float) -> BaselineResult:
+    """A bare paho client sends ``count`` pre-built records over TLS to the same cloud side
+    (QoS 1, the gateway's window of publishes in flight); timed from its first publish until
+    every publish is PUBACKed and every record counted by the sink."""
+    payloads = baseline_payloads(count)
+    sink = parts.sink
+    sink.reset()
+    window = threading.Semaphore(BASELINE_INFLIGHT)
+    connected = threading.Event()
+    done = threading.Event()
+    acked = 0
+
+    def on_connect(_client: mqtt.Client, _userdata: Any, _flags: mqtt.ConnectFlags,
+                   reason: ReasonCode, _props: Properties | None) -> None:
+        if not reason.is_failure:
+            connected.set()
+
+    def on_publish(_client: mqtt.Client, _userdata: Any, _mid: int, _reason: ReasonCode,
+                   _props: Properties) -> None:
+        nonlocal acked
+        acked += 1
+        window.release()
+        if acked == len(payloads):
+            done.set()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare-client",
+                         protocol=MQTTProtocolVersion.MQTTv311, reconnect_on_failure=False)
+    client.username_pw_set(ACCESS_TOKEN)
+    client.tls_set_context(ssl.create_default_context(cafile=str(parts.pki.ca_cert)))
+    client.max_inflight_messages_set(BASELINE_INFLIGHT)
+    client.max_queued_messages_set(0)
+    client.on_connect = on_connect
+    client.on_publish = on_publish
+    say(f"baseline: a bare paho client sends {count:,} records in {len(payloads):,} "
+        f"publishes ({BASELINE_INFLIGHT} in flight) ...")
+    client.connect(parts.cloud.tls_hostname, parts.cloud.tls_port, keepalive=60)
+    client.loop_start()
+    try:
+        if not connected.wait(10.0):
+            raise BenchError("the bare client did not connect")
+        started = time.monotonic()
+        deadline = started + timeout
+        for payload in payloads:
+            if not window.acquire(timeout=max(0.1, deadline - time.monotonic())):
+                raise BenchError(f"the bare client: no PUBACK within {timeout:g} s")
+            client.publish(TELEMETRY_TOPIC, payload, qos=1)
+        if not done.wait(max(0.1, deadline - time.monotonic())):
+            raise BenchError(f"the bare client: {acked}/{len(payloads)} publishes acknowledged")
+        wait_until(lambda: sink.records >= count, max(0.1, deadline - time.monotonic()),
+                   "the bare client's records at the sink", period=0.001)
+        seconds = time.monotonic() - started
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    sink.reset()
+    return BaselineResult(records=count, publishes=len(payloads),
+                          payload_bytes_max=max(len(p) for p in payloads),
+                          inflight=BASELINE_INFLIGHT, seconds=seconds,
+                          records_per_s=count / seconds)
 
 
 def fill_queue(data: Path, count: int) -> float:
@@ -556,11 +665,17 @@ def fill_queue(data: Path, count: int) -> float:
     return time.monotonic() - started
 
 
-def run_throughput(parts: Rig, count: int, timeout: float) -> ThroughputResult:
+def run_throughput(parts: Rig, count: int, timeout: float,
+                   baseline: bool = False) -> ThroughputResult:
     gateway, data = parts.new_gateway("throughput")
     say(f"throughput: writing {count:,} records into the controller queue ...")
     fill_s = fill_queue(data, count)
-    say(f"throughput: queue filled in {fill_s:.1f} s; starting the gateway")
+    say(f"throughput: queue filled in {fill_s:.1f} s")
+    bare: BaselineResult | None = None
+    if baseline:
+        bare = run_baseline(parts, count, timeout)
+        say(f"baseline: {bare.records_per_s:,.0f} records/s ({bare.seconds:.2f} s)")
+    say("throughput: starting the gateway")
     sink = parts.sink
     sink.reset()
     outbox = OutboxReader(data)
@@ -629,6 +744,7 @@ def run_throughput(parts: Rig, count: int, timeout: float) -> ThroughputResult:
     first_at = sink.first_at or done
     assert all_received is not None
     drain_s = done - started
+    rate_from_first = count / max(1e-9, done - first_at)
     return ThroughputResult(
         records=count,
         fill_s=fill_s,
@@ -637,7 +753,7 @@ def run_throughput(parts: Rig, count: int, timeout: float) -> ThroughputResult:
         all_received_s=all_received - started,
         intake_done_s=None if intake_done is None else intake_done - started,
         rate_from_start=count / drain_s,
-        rate_from_first=count / max(1e-9, done - first_at),
+        rate_from_first=rate_from_first,
         gateway_cpu_s=final.cpu_s,
         gateway_cpu_us_per_record=final.cpu_s / count * 1e6,
         gateway_peak_rss_mb=final.peak_rss_mb,
@@ -654,6 +770,9 @@ def run_throughput(parts: Rig, count: int, timeout: float) -> ThroughputResult:
         gateway_stop_s=stop_s,
         closes=parts.cloud.closes(),
         timeline=timeline,
+        baseline=bare,
+        baseline_ratio=None if bare is None else count / drain_s / bare.records_per_s,
+        baseline_ratio_from_first=None if bare is None else rate_from_first / bare.records_per_s,
     )
 
 
@@ -875,6 +994,13 @@ def report(throughput: ThroughputResult | None, latency: LatencyResult | None,
         row("records/s from gateway start", f"{t.rate_from_start:,.0f}",
             f">= {TARGET_RATE:,.0f}", t.rate_from_start >= TARGET_RATE)
         row("records/s from first record received", f"{t.rate_from_first:,.0f}")
+        if t.baseline is not None and t.baseline_ratio is not None:
+            b = t.baseline
+            row("bare paho client, same run", f"{b.records_per_s:,.0f} records/s",
+                f"{b.publishes:,} publishes, {b.inflight} in flight")
+            row("gateway / bare client (from start)", f"{t.baseline_ratio:.2f}",
+                f">= {TARGET_BASELINE_RATIO:.1f}", t.baseline_ratio >= TARGET_BASELINE_RATIO)
+            row("gateway / bare client (from first)", f"{t.baseline_ratio_from_first:.2f}")
         row("first record received after", f"{t.first_record_s:.2f} s")
         if t.intake_done_s is not None:
             row("queue emptied into outbox after", f"{t.intake_done_s:.2f} s")
@@ -962,6 +1088,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="length of the 100 records/s latency phase (default 20)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="do not run the bare paho client before the throughput phase")
     parser.add_argument("--timeout", type=float, default=180.0,
                         help="give up on the throughput phase after this many seconds")
     parser.add_argument("--profile", type=Path, metavar="DIR",
@@ -1011,7 +1139,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with rig(workdir, profiler, args.cloud) as parts:
             if not args.skip_throughput:
-                throughput = run_throughput(parts, args.records, args.timeout)
+                throughput = run_throughput(parts, args.records, args.timeout,
+                                            baseline=not args.no_baseline)
             if not args.skip_latency:
                 latency = run_latency(parts, args.latency_seconds)
             profiler.finish()

@@ -392,3 +392,20 @@ def test_salvage_skips_rows_it_cannot_read_and_starts(tmp_path: Path) -> None:
         assert any("salvaged 8 records" in p for p in stores.take_problems())
     finally:
         stores.close()
+
+
+def test_the_intake_connection_keeps_a_small_page_cache(stores: Stores,
+                                                        writer: QueueWriter) -> None:
+    """Peak memory while draining: the intake's page caches are small."""
+    from teg_gateway.controller.intake import CACHE_KIB
+
+    core = make_core(stores, writer)
+    try:
+        assert core.conn is not None
+        for schema, kib in CACHE_KIB.items():
+            assert core.conn.execute(f"PRAGMA {schema}.cache_size").fetchone()[0] == -kib
+        writer.write(make_records(3000))
+        assert sum(r.taken for r in run_all(core)) == 3000
+    finally:
+        core.close()
+    assert outbox_seqs(stores) == list(range(3000))

@@ -117,7 +117,8 @@ class OutboxSettings:
 
 @dataclass
 class QueueSettings:
-    poll_interval_ms: int = setting(20, "how often the controller queue is checked",
+    poll_interval_ms: int = setting(20, "how often the controller queue is checked where "
+                                    "its changes cannot be watched (no inotify)",
                                     check="positive")
     batch_size: int = setting(5000, "rows moved per transaction", check="positive")
 

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from teg_gateway.controller import watch
 from teg_gateway.controller.queue import (
     BATCH_TABLE,
     FILL_BATCH,
@@ -76,9 +77,22 @@ BUSY_TIMEOUT_MS = 5000
 QUEUE_DELETE_WAIT_MS = 200
 QUEUE_DELETE_ROWS = 500
 SPACE_CHECK_S = 0.0  # a statvfs costs microseconds: before every round
-HOLD_CHECK_S = 0.1
+HOLD_CHECK_S = 0.1  # while held: how soon a release is seen
+HOLD_IDLE_S = 1.0  # while not held (a batch handed over checks at once)
 IDLE_CHECK_S = 0.25
 REPORT_EVERY_S = 60.0
+# Page cache of the intake's connection (SQLite's default: 2 MiB a database). It appends
+# to the outbox and the archive and reads then deletes the queue, at the ends of the trees:
+# a small cache costs no CPU there. The temp schema keeps its default: a batch of 5,000
+# rows (about 1 MiB) spilling to a file did cost CPU.
+CACHE_KIB = {"main": 512, "archive": 512, "queue": 256}
+# Woken by a write to the queue's files, the intake looks after SETTLE_S (the write that
+# woke it is the first of a commit, which becomes visible once the controller's fsync is
+# done); finding nothing, it looks again after each of RECHECK_S, then waits for the next
+# write, or at the latest FALLBACK_S (also what catches writes inotify cannot see).
+SETTLE_S = 0.001
+RECHECK_S = (0.002, 0.008, 0.032, 0.128)
+FALLBACK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +161,8 @@ class IntakeCore:
             self.archive_id = db.file_id(cfg.archive_path)
             conn.execute("ATTACH DATABASE ? AS queue", (str(cfg.queue_path),))
             conn.execute("PRAGMA queue.synchronous = NORMAL")
+            for schema, kib in CACHE_KIB.items():
+                conn.execute(f"PRAGMA {schema}.cache_size = -{kib}")
             self.queue_id = db.file_id(cfg.queue_path)
             conn.execute(BATCH_TABLE)
             conn.executescript(MARK_SCHEMA)
@@ -455,7 +471,8 @@ class IntakePump:
     ``on_batch(result)`` runs on the loop after each batch. ``on_stores(problem)`` runs on
     the loop while the worker has closed its connection: ``problem`` is None when
     outbox.db or archive.db was found deleted or replaced, else the corruption error.
-    ``hold()`` (on the loop) pauses the intake while it is true.
+    ``hold()`` (on the loop) pauses the intake while it is true: it is asked after every
+    batch, then every ``HOLD_CHECK_S`` while true and every ``HOLD_IDLE_S`` otherwise.
     """
 
     def __init__(self, config: IntakeConfig, poll_s: float, *,
@@ -469,8 +486,14 @@ class IntakePump:
         self.hold = hold
         self.held = False
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wake: watch.Wakeup | None = None
         self._thread: threading.Thread | None = None
+        # Rounds of the worker, and why it woke up for them (read by tests and benchmarks).
+        self.rounds = 0
+        self.woken: dict[str, int] = {watch.SET: 0, watch.CHANGE: 0, watch.TIMEOUT: 0}
+        self.hold_checks = 0
+        self._hold_kick = asyncio.Event()  # held now: check again soon, not in HOLD_IDLE_S
+        self._took = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._hold_task: asyncio.Task[None] | None = None
         self._release: Callable[[], None] | None = None
@@ -491,15 +514,29 @@ class IntakePump:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def watching(self) -> bool:
+        """True while a commit to the queue wakes the intake at once (inotify)."""
+        return self._wake is not None and self._wake.watching
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop.clear()
+        queue = self.config.queue_path
+        self._wake = watch.Wakeup(queue.parent, (queue.name, queue.name + "-wal"))
+        if not self._wake.watching:
+            log.info("changes of %s cannot be watched; looking for new rows every %g ms",
+                     queue, self.poll_s * 1000)
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
         self._thread.start()
         self._hold_task = asyncio.ensure_future(self._hold_loop())
 
     def poke(self) -> None:
-        self._wake.set()
+        self._set_wake()
+
+    def _set_wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Let the worker finish its round (a transaction under way commits or rolls back)
@@ -513,12 +550,14 @@ class IntakePump:
         if thread is None:
             return
         self._stop.set()
-        self._wake.set()
+        self._set_wake()
         await asyncio.get_running_loop().run_in_executor(None, thread.join, timeout)
         if thread.is_alive():
             log.error("the intake did not stop within %.0f s; its transaction is abandoned "
                       "(SQLite rolls it back) and its rows stay in the controller queue",
                       timeout)
+        elif self._wake is not None:
+            self._wake.close()
         self._thread = None
 
     def release(self, action: Callable[[], None]) -> None:
@@ -528,7 +567,7 @@ class IntakePump:
             action()
             return
         self._release = action
-        self._wake.set()
+        self._set_wake()
 
     def last_health_check_ms(self) -> int:
         """The controller's last health check (ms since the epoch, 0 when none), read now.
@@ -557,27 +596,67 @@ class IntakePump:
 
     async def _hold_loop(self) -> None:
         while True:
-            try:
-                held = bool(self.hold())
-            except Exception:  # a closed store during recovery: keep going
-                held = False
-            if self.held and not held:
-                self._wake.set()
-            self.held = held
-            await asyncio.sleep(max(self.poll_s, HOLD_CHECK_S))
+            self._check_hold()
+            self._hold_kick.clear()
+            delay = max(self.poll_s, HOLD_CHECK_S) if self.held else HOLD_IDLE_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._hold_kick.wait(), delay)
+
+    def _check_hold(self) -> None:
+        self.hold_checks += 1
+        try:
+            held = bool(self.hold())
+        except Exception:  # a closed store during recovery: keep going
+            held = False
+        if self.held and not held:
+            self._set_wake()
+        elif held and not self.held:
+            self._hold_kick.set()
+        self.held = held
+
+    def _batch_done(self, result: IntakeResult) -> None:
+        self.on_batch(result)
+        if result.taken:
+            self._check_hold()
 
     # -- the worker thread ----------------------------------------------------------------
 
     def _run(self) -> None:
         core = IntakeCore(self.config)
+        wake = self._wake
+        assert wake is not None
+        rechecks = len(RECHECK_S)  # none pending
         try:
             while not self._stop.is_set():
+                self._took = 0
                 delay = self._round(core)
-                if delay > 0:
-                    self._wake.wait(delay)
-                    self._wake.clear()
+                self.rounds += 1
+                if delay <= 0:
+                    continue
+                idle = delay == self._idle_s()
+                if self._took:
+                    rechecks = len(RECHECK_S)
+                if idle and rechecks < len(RECHECK_S):
+                    cause = wake.wait(RECHECK_S[rechecks])
+                    rechecks += 1
+                    if cause == watch.TIMEOUT:
+                        continue  # a second look after a change, not a wake-up
+                else:
+                    if idle and not wake.watching:
+                        wake.rewatch()  # the directory was replaced, or came late
+                    cause = wake.wait(delay)
+                self.woken[cause] += 1
+                if cause == watch.CHANGE:
+                    rechecks = 0
+                    time.sleep(SETTLE_S)
         finally:
             core.close()
+
+    def _idle_s(self) -> float:
+        """How long to wait when nothing is waiting in the queue."""
+        wake = self._wake
+        return max(self.poll_s, FALLBACK_S) if wake is not None and wake.watching \
+            else self.poll_s
 
     def _round(self, core: IntakeCore) -> float:
         """One round of the worker; returns how long to wait before the next one."""
@@ -591,6 +670,7 @@ class IntakePump:
                 core.check_files()
                 return self.poll_s
             result = core.step()
+            self._took = result.taken
         except StoresReplaced:
             self._release = lambda: self.on_stores(None)
             return 0.0
@@ -607,12 +687,12 @@ class IntakePump:
             self._report("archive", logging.ERROR,
                          f"archive: {core.archive_error}; the records are forwarded and "
                          "wait in the controller queue to be archived")
-        return 0.0 if result.taken >= self.config.batch_size else self.poll_s
+        return 0.0 if result.taken >= self.config.batch_size else self._idle_s()
 
     def _hand_over(self, result: IntakeResult) -> None:
         if self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed at exit
-                self._loop.call_soon_threadsafe(self.on_batch, result)
+                self._loop.call_soon_threadsafe(self._batch_done, result)
 
     def _on_error(self, core: IntakeCore, exc: sqlite3.Error) -> float:
         if db.is_disk_full(exc):
