@@ -15,6 +15,7 @@ from teg_gateway.sandbox.certs import Pki, make_pki
 from teg_gateway.sandbox.controller import QueueWriter
 from teg_gateway.sandbox.process import GatewayProcess
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
+from teg_gateway.store.stores import Stores
 
 needs_mosquitto = pytest.mark.skipif(
     not mosquitto_available(),
@@ -104,6 +105,40 @@ def queue_writer(data_dir: Path) -> Iterator[QueueWriter]:
     writer = QueueWriter(data_dir)
     yield writer
     writer.close()
+
+
+# The gateway's own databases and a controller queue, opened in-process (store and intake
+# tests).
+STORE_MAX_PAYLOAD = 49152
+
+
+@pytest.fixture
+def controller_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "controller"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def gateway_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "gateway"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def stores(gateway_dir: Path) -> Iterator[Stores]:
+    opened = Stores(gateway_dir, STORE_MAX_PAYLOAD)
+    opened.open()
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def writer(controller_dir: Path) -> Iterator[QueueWriter]:
+    queue_writer = QueueWriter(controller_dir)
+    yield queue_writer
+    queue_writer.close()
 
 
 GatewayFactory = Callable[..., GatewayProcess]

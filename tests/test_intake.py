@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +30,6 @@ from teg_gateway.store.deadletters import dead_letter_bytes
 from teg_gateway.store.stores import Stores
 
 MAX_PAYLOAD = 49152
-
-
-@pytest.fixture
-def stores(tmp_path: Path) -> Iterator[Stores]:
-    opened = Stores(tmp_path / "gateway", MAX_PAYLOAD)
-    opened.open()
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def writer(tmp_path: Path) -> Iterator[QueueWriter]:
-    queue_writer = QueueWriter(tmp_path / "controller")
-    yield queue_writer
-    queue_writer.close()
 
 
 def make_core(stores: Stores, writer: QueueWriter, batch_size: int = 1000,

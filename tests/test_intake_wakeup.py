@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,21 +22,6 @@ from teg_gateway.store.stores import Stores
 
 MAX_PAYLOAD = 49152
 WAIT_S = 20.0  # generous: only how long a failing test takes to fail
-
-
-@pytest.fixture
-def stores(tmp_path: Path) -> Iterator[Stores]:
-    opened = Stores(tmp_path / "gateway", MAX_PAYLOAD)
-    opened.open()
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def writer(tmp_path: Path) -> Iterator[QueueWriter]:
-    queue_writer = QueueWriter(tmp_path / "controller")
-    yield queue_writer
-    queue_writer.close()
 
 
 @pytest.fixture
@@ -181,10 +166,13 @@ def test_a_backlog_holds_the_intake_and_its_release_resumes_it(
             assert pump.hold_checks - checks <= 3 / intake.HOLD_IDLE_S + 2
             writer.write(make_records(10_000))
             await until(lambda: pump.held, "the hold")
+            # A batch taken just before the hold reaches the loop a moment later.
+            rounds = pump.rounds
+            await until(lambda: pump.rounds >= rounds + 10, "rounds while held")
             batches = len(taken)
             assert batches < 10
             rounds = pump.rounds
-            await until(lambda: pump.rounds >= rounds + 10, "rounds while held")
+            await until(lambda: pump.rounds >= rounds + 10, "more rounds while held")
             assert len(taken) == batches  # nothing taken while held
             released = True
             await until(lambda: sum(r.taken for r in taken) >= 10_000, "the rest")

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,35 +25,6 @@ MAX_PAYLOAD = 49152
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def controller_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "controller"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def gateway_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "gateway"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def stores(gateway_dir: Path) -> Iterator[Stores]:
-    opened = Stores(gateway_dir, MAX_PAYLOAD)
-    opened.open()
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def writer(controller_dir: Path) -> Iterator[QueueWriter]:
-    queue_writer = QueueWriter(controller_dir)
-    yield queue_writer
-    queue_writer.close()
 
 
 def outbox_bodies(stores: Stores, kind: int | None = TELEMETRY) -> list[Any]:
