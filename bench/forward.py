@@ -55,7 +55,6 @@ import re
 import shutil
 import signal
 import sqlite3
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -78,6 +77,7 @@ from teg_gateway.sandbox.broker import Mosquitto, mosquitto_available
 from teg_gateway.sandbox.certs import Pki, make_pki
 from teg_gateway.sandbox.controller import QueueWriter, make_records, now_ms
 from teg_gateway.sandbox.process import GatewayProcess
+from teg_gateway.sandbox.publisher import publish_all
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard, Limits
 
 TELEMETRY_TOPIC = "v1/devices/me/telemetry"
@@ -600,53 +600,18 @@ def run_baseline(parts: Rig, count: int, timeout: float) -> BaselineResult:
     payloads = baseline_payloads(count)
     sink = parts.sink
     sink.reset()
-    window = threading.Semaphore(BASELINE_INFLIGHT)
-    connected = threading.Event()
-    done = threading.Event()
-    acked = 0
-
-    def on_connect(_client: mqtt.Client, _userdata: Any, _flags: mqtt.ConnectFlags,
-                   reason: ReasonCode, _props: Properties | None) -> None:
-        if not reason.is_failure:
-            connected.set()
-
-    def on_publish(_client: mqtt.Client, _userdata: Any, _mid: int, _reason: ReasonCode,
-                   _props: Properties) -> None:
-        nonlocal acked
-        acked += 1
-        window.release()
-        if acked == len(payloads):
-            done.set()
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare-client",
-                         protocol=MQTTProtocolVersion.MQTTv311, reconnect_on_failure=False)
-    client.username_pw_set(ACCESS_TOKEN)
-    client.tls_set_context(ssl.create_default_context(cafile=str(parts.pki.ca_cert)))
-    client.max_inflight_messages_set(BASELINE_INFLIGHT)
-    client.max_queued_messages_set(0)
-    client.on_connect = on_connect
-    client.on_publish = on_publish
     say(f"baseline: a bare paho client sends {count:,} records in {len(payloads):,} "
         f"publishes ({BASELINE_INFLIGHT} in flight) ...")
-    client.connect(parts.cloud.tls_hostname, parts.cloud.tls_port, keepalive=60)
-    client.loop_start()
     try:
-        if not connected.wait(10.0):
-            raise BenchError("the bare client did not connect")
-        started = time.monotonic()
-        deadline = started + timeout
-        for payload in payloads:
-            if not window.acquire(timeout=max(0.1, deadline - time.monotonic())):
-                raise BenchError(f"the bare client: no PUBACK within {timeout:g} s")
-            client.publish(TELEMETRY_TOPIC, payload, qos=1)
-        if not done.wait(max(0.1, deadline - time.monotonic())):
-            raise BenchError(f"the bare client: {acked}/{len(payloads)} publishes acknowledged")
-        wait_until(lambda: sink.records >= count, max(0.1, deadline - time.monotonic()),
-                   "the bare client's records at the sink", period=0.001)
-        seconds = time.monotonic() - started
-    finally:
-        client.disconnect()
-        client.loop_stop()
+        started = publish_all(parts.cloud.tls_hostname, parts.cloud.tls_port, payloads,
+                              ca=parts.pki.ca_cert, username=ACCESS_TOKEN,
+                              topic=TELEMETRY_TOPIC, inflight=BASELINE_INFLIGHT,
+                              timeout=timeout)
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
+    wait_until(lambda: sink.records >= count, max(0.1, started + timeout - time.monotonic()),
+               "the bare client's records at the sink", period=0.001)
+    seconds = time.monotonic() - started
     sink.reset()
     return BaselineResult(records=count, publishes=len(payloads),
                           payload_bytes_max=max(len(p) for p in payloads),

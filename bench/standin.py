@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import ssl
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from teg_gateway.sandbox.broker import Mosquitto, mosquitto_available
 from teg_gateway.sandbox.certs import Pki, make_pki
+from teg_gateway.sandbox.publisher import publish_all
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
 
 TOPIC = "v1/devices/me/telemetry"
@@ -70,56 +69,14 @@ def make_payloads(count: int, per_publish: int) -> list[bytes]:
     return payloads
 
 
-def publish_all(port: int, ca: Path, payloads: list[bytes], inflight: int,
-                username: str) -> float:
-    """Publish every payload (QoS 1, `inflight` at a time); returns when all are acked."""
-    window = threading.Semaphore(inflight)
-    done = threading.Event()
-    connected = threading.Event()
-    acked = 0
-
-    def on_connect(*_args: Any) -> None:
-        connected.set()
-
-    def on_publish(*_args: Any) -> None:
-        nonlocal acked
-        acked += 1
-        window.release()
-        if acked == len(payloads):
-            done.set()
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-publisher",
-                         protocol=MQTTProtocolVersion.MQTTv311, reconnect_on_failure=False)
-    client.username_pw_set(username)
-    client.tls_set_context(ssl.create_default_context(cafile=str(ca)))
-    client.max_inflight_messages_set(inflight)
-    client.on_connect = on_connect
-    client.on_publish = on_publish
-    client.connect("localhost", port, keepalive=60)
-    client.loop_start()
-    try:
-        if not connected.wait(10):
-            raise RuntimeError("the publisher did not connect")
-        started = time.monotonic()
-        for payload in payloads:
-            if not window.acquire(timeout=30):
-                raise RuntimeError("no PUBACK for 30 s")
-            client.publish(TOPIC, payload, qos=1)
-        if not done.wait(60):
-            raise RuntimeError(f"only {acked}/{len(payloads)} publishes acknowledged")
-        return started
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
 def run_server(pki: Pki, payloads: list[bytes], records: int, inflight: int
                ) -> tuple[float, float]:
     counter = Counter()
     with FakeThingsBoard(pki, keep_telemetry=False, on_telemetry=counter.add) as tb:
         tb.accept_token(TOKEN)
         cpu_before = _thread_cpu(tb.native_thread_id)
-        started = publish_all(tb.tls_port, pki.ca_cert, payloads, inflight, TOKEN)
+        started = publish_all("localhost", tb.tls_port, payloads, ca=pki.ca_cert,
+                              username=TOKEN, topic=TOPIC, inflight=inflight)
         if not counter.wait_for(records, 30):
             raise RuntimeError(f"the server counted {counter.records}/{records} records")
         elapsed = time.monotonic() - started
@@ -142,7 +99,8 @@ def run_mosquitto(pki: Pki, workdir: Path, payloads: list[bytes], records: int,
             if not subscribed.wait(10):
                 raise RuntimeError("the subscriber did not subscribe")
             cpu_before = _process_cpu(broker.pid)
-            started = publish_all(broker.tls_port, pki.ca_cert, payloads, inflight, TOKEN)
+            started = publish_all("localhost", broker.tls_port, payloads, ca=pki.ca_cert,
+                                  username=TOKEN, topic=TOPIC, inflight=inflight)
             if not counter.wait_for(records, 60):
                 raise RuntimeError(f"the subscriber counted {counter.records}/{records}")
             elapsed = time.monotonic() - started
