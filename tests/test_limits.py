@@ -217,6 +217,18 @@ def test_a_strange_answer_means_no_limit_for_what_cannot_be_read(answer: Any) ->
     json.dumps(limits.describe())
 
 
+@pytest.mark.parametrize(("answer", "understood"), [
+    ({"maxPayloadSize": 65536}, True), ({"rateLimits": {}}, True),
+    ({"maxInflightMessages": None}, True), ({"error": "unknown method"}, False), ({}, False),
+    ("text", False), (None, False), ([{"rateLimits": {}}], False),
+])
+def test_an_answer_that_is_not_session_limits_is_told_apart(answer: Any,
+                                                            understood: bool) -> None:
+    """A server whose rule chain answers the RPC with something else: the gateway then uses
+    its configured limits rather than none at all."""
+    assert SessionLimits.understood(answer) is understood
+
+
 def test_records_rate_allowed() -> None:
     pacer = Pacer(FakeClock())
     assert pacer.records_per_s(2.0, 100.0) is None

@@ -198,6 +198,13 @@ class SessionLimits:
                    telemetry_data_points=parsed["telemetryDataPoints"],
                    source="server", problems=tuple(problems))
 
+    @staticmethod
+    def understood(answer: Any) -> bool:
+        """Whether ``answer`` is a session-limits answer at all (an object with at least one
+        of its keys), not some other server's reply to an RPC it does not know."""
+        return isinstance(answer, Mapping) and any(
+            key in answer for key in ("maxPayloadSize", "maxInflightMessages", "rateLimits"))
+
     def describe(self) -> dict[str, Any]:
         """The limits as reported in the ``session_limits`` client attribute and status."""
         return {

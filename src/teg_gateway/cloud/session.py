@@ -180,7 +180,12 @@ class CloudSession:
             log.info("ThingsBoard: no answer to getSessionLimits within %.0f s; using the "
                      "configured limits", SESSION_LIMITS_WAIT_S)
         else:
-            limits = SessionLimits.from_answer(answer)
+            if SessionLimits.understood(answer):
+                limits = SessionLimits.from_answer(answer)
+            else:
+                limits = self.configured_limits
+                log.warning("ThingsBoard: the answer to getSessionLimits is not session limits "
+                            "(%.200s); using the configured limits", answer)
             for problem in limits.problems:
                 log.warning("ThingsBoard: getSessionLimits: %s (ignored)", problem)
         self.pacer.apply(limits)
