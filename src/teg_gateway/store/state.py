@@ -47,13 +47,13 @@ def load_state(path: Path) -> Loaded:
     except FileNotFoundError:
         return Loaded({})
     except OSError as exc:
-        return _quarantine(path, b"", f"cannot be read: {exc.strerror or exc}")
+        return quarantine(path, b"", f"cannot be read: {exc.strerror or exc}")
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        return _quarantine(path, raw, f"is not valid JSON ({str(exc)[:120]})")
+        return quarantine(path, raw, f"is not valid JSON ({str(exc)[:120]})")
     if not isinstance(value, dict):
-        return _quarantine(path, raw, f"holds a JSON {type(value).__name__}, not an object")
+        return quarantine(path, raw, f"holds a JSON {type(value).__name__}, not an object")
     return Loaded(value)
 
 
@@ -62,7 +62,9 @@ def store_state(path: Path, value: dict[str, Any]) -> None:
     atomic_write_json(path, value)
 
 
-def _quarantine(path: Path, raw: bytes, why: str) -> Loaded:
+def quarantine(path: Path, raw: bytes, why: str) -> Loaded:
+    """Move the damaged ``path`` aside (``<name>.corrupt-<time>``), log it, and return
+    the empty :class:`Loaded` that says so."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     target = path.with_name(f"{path.name}.corrupt-{stamp}-{time.monotonic_ns() % 10**6}")
     try:

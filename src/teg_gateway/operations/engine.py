@@ -1,0 +1,579 @@
+"""The operations engine: every operation is a persisted command (thin-edge.io's shape).
+
+A command goes ``init`` → ``executing`` → ``successful`` | ``failed`` (with a reason). Its
+state is a :class:`Command`: an enum status, a reason, the operation's own typed payload
+(a dataclass) and the fields nobody here knows, carried along unchanged.
+
+- :class:`CommandRepository` keeps one operation's commands, and the few facts the
+  operation remembers between commands (a typed dataclass too), in one file under
+  ``<data>/state``: written atomically (temp file, fsync, rename, fsync of the directory)
+  before anything is said about the step. A file that cannot be read is moved aside as
+  ``<name>.corrupt-<time>`` and reported; the commands that can still be read from it
+  (one per line) come back, and those that were under way end ``failed`` with the reason.
+- :class:`Runner` runs the operations' work as tasks: at start it hands every command
+  that was under way back to its operation, a failure inside a step ends that command
+  ``failed`` instead of the gateway, and at shutdown it cancels them in one place.
+- :class:`Operation` is how an operation registers with the gateway: the ThingsBoard
+  topics it subscribes to, the shared attributes it wants, its handlers, and the local
+  bus commands (``te/device/main///cmd/<name>/<id>``) it serves. ``gateway.py`` only
+  lists operations; it never wires one by hand.
+
+docs/architecture.md shows how a new operation is added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+import types
+import typing
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from teg_gateway.bounds import clip
+from teg_gateway.clock import Clock
+from teg_gateway.fsutil import atomic_write
+from teg_gateway.mqttlink import ConnectionLost
+from teg_gateway.store.state import load_state, quarantine
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+#: Finished commands kept (newest last) so that a repeated ``init`` is recognised.
+KEEP_FINISHED = 50
+MAX_REASON_CHARS = 1000
+
+
+class Status(enum.StrEnum):
+    INIT = "init"
+    EXECUTING = "executing"
+    SUCCESSFUL = "successful"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in (Status.SUCCESSFUL, Status.FAILED)
+
+
+class PayloadError(ValueError):
+    """A command or its payload does not have the fields and types it must have."""
+
+
+@dataclass(frozen=True)
+class Nothing:
+    """The payload of an operation whose commands carry no fields of their own."""
+
+
+P = TypeVar("P")
+F = TypeVar("F")
+
+
+@dataclass
+class Command(Generic[P]):
+    """One command of one operation. ``extra`` holds the fields of the request that this
+    gateway does not know; they go back unchanged with every state published."""
+
+    id: str
+    status: Status
+    payload: P
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: Where the command came from and where its states go: "local" (the te/ bus),
+    #: "thingsboard" or "gateway".
+    origin: str = "local"
+    created_ms: int = 0
+    updated_ms: int = 0
+    #: The final state reached its requester (published and acknowledged).
+    delivered: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.status.final
+
+    def message(self) -> dict[str, Any]:
+        """The command in thin-edge.io's form: unknown fields, the payload's fields,
+        ``status`` and (when failed) ``reason``."""
+        body = {**self.extra, **encode(self.payload), "status": self.status.value}
+        if self.status is Status.FAILED:
+            body["reason"] = self.reason
+        else:
+            body.pop("reason", None)
+        return body
+
+
+# -- typed payloads ---------------------------------------------------------------------
+
+
+def encode(value: Any) -> Any:
+    """A payload dataclass (or anything inside one) as plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): encode(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [encode(v) for v in value]
+    return value
+
+
+def decode(cls: type[P], data: Any, what: str = "payload") -> tuple[P, dict[str, Any]]:
+    """Build dataclass ``cls`` from the JSON object ``data``; returns it and the fields
+    ``cls`` does not know. Raises PayloadError naming the first field that is missing or
+    of the wrong type."""
+    if not isinstance(data, dict):
+        raise PayloadError(f"{what} is not a JSON object")
+    hints = typing.get_type_hints(cls)
+    known: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            known[f.name] = _convert(hints[f.name], data[f.name], f"{what}.{f.name}")
+        elif f.default is dataclasses.MISSING and \
+                f.default_factory is dataclasses.MISSING:
+            raise PayloadError(f"{what} has no {f.name!r}")
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = {k: v for k, v in data.items() if k not in names}
+    return cls(**known), unknown
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _convert(option, value, where)
+            except PayloadError as exc:
+                errors.append(str(exc))
+        raise PayloadError(errors[0] if len(errors) == 1 else f"{where} has the wrong type")
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+        raise PayloadError(f"{where} must be null")
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise PayloadError(f"{where} must be a list")
+        args = typing.get_args(hint)
+        item = args[0] if args else Any
+        items = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise PayloadError(f"{where} must be an object")
+        args = typing.get_args(hint)
+        item = args[1] if len(args) == 2 else Any
+        return {str(k): _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise PayloadError(f"{where} is not one of "
+                               f"{', '.join(str(m.value) for m in hint)}") from None
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        built, _unknown = decode(hint, value, where)
+        return built
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise PayloadError(f"{where} must be a number")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise PayloadError(f"{where} must be a whole number")
+    if hint in (str, bool):
+        if isinstance(value, hint):
+            return value
+        raise PayloadError(f"{where} must be {'a string' if hint is str else 'true or false'}")
+    if hint is dict:
+        if isinstance(value, dict):
+            return value
+        raise PayloadError(f"{where} must be an object")
+    raise TypeError(f"{where}: payload type {hint!r} is not supported")
+
+
+# -- the repository ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A state file that could not be read: what happened and which commands (under
+    way at the time) were resolved as failed because of it."""
+
+    text: str
+    quarantined: Path | None
+    failed: tuple[str, ...]
+
+
+class CommandRepository(Generic[P, F]):
+    """One operation's commands and facts, in ``path`` (see the module docstring).
+
+    Build it, then :meth:`load` once at start. Every change goes through :meth:`save`
+    (or :meth:`put`), which writes the whole file atomically before returning.
+    """
+
+    def __init__(self, path: Path, payload_type: type[P], facts_type: type[F],
+                 clock: Clock | None = None, keep_finished: int = KEEP_FINISHED) -> None:
+        self.path = path
+        self.payload_type = payload_type
+        self.facts_type = facts_type
+        self.clock = clock or Clock()
+        self.keep_finished = keep_finished
+        self.commands: dict[str, Command[P]] = {}
+        self.facts: F = facts_type()
+        self.damage: Damage | None = None
+
+    # -- reading ----------------------------------------------------------------------
+
+    def load(self) -> Damage | None:
+        """Read the file. When it is damaged: quarantine it, keep what can be read, end
+        the commands that were under way as failed (saved at once) and return the
+        :class:`Damage` (also kept in ``self.damage``) for the operation to report."""
+        self.commands, self.facts = {}, self.facts_type()
+        loaded = load_state(self.path)
+        if loaded.damage is None:
+            try:
+                self._read(loaded.value)
+                return None
+            except PayloadError as exc:
+                try:
+                    raw = self.path.read_bytes()
+                except OSError:
+                    raw = json.dumps(loaded.value).encode()
+                loaded = quarantine(self.path, raw, f"does not hold valid commands ({exc})")
+        self._salvage(loaded.raw)
+        reason = clip(f"the gateway's state for this operation was damaged: {loaded.damage}",
+                      MAX_REASON_CHARS)
+        failed = []
+        for cmd in self.commands.values():
+            if not cmd.final:
+                self._set(cmd, Status.FAILED, reason)
+                failed.append(cmd.id)
+        self.damage = Damage(str(loaded.damage), loaded.quarantined, tuple(failed))
+        self.save()
+        return self.damage
+
+    def _read(self, value: dict[str, Any]) -> None:
+        facts = value.get("facts", {})
+        self.facts, _unknown = decode(self.facts_type, facts, "facts")
+        commands = value.get("commands", [])
+        if not isinstance(commands, list):
+            raise PayloadError("commands is not a list")
+        for item in commands:
+            cmd = self._command(item)
+            self.commands[cmd.id] = cmd
+
+    def _command(self, item: Any) -> Command[P]:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise PayloadError("a command without an id")
+        payload, _unknown = decode(self.payload_type, item.get("payload", {}),
+                                   f"command {item['id']!r}")
+        try:
+            status = Status(str(item.get("status")))
+        except ValueError:
+            raise PayloadError(f"command {item['id']!r} has no valid status") from None
+        extra = item.get("extra", {})
+        return Command(
+            id=item["id"], status=status, payload=payload, reason=str(item.get("reason", "")),
+            extra=extra if isinstance(extra, dict) else {},
+            origin=str(item.get("origin", "local")),
+            created_ms=_int(item.get("created_ms")), updated_ms=_int(item.get("updated_ms")),
+            delivered=bool(item.get("delivered", False)))
+
+    def _salvage(self, raw: bytes) -> None:
+        """What a damaged file still holds: every line that reads as a command on its
+        own, and the facts line if it is whole."""
+        for line in raw.decode("utf-8", errors="replace").splitlines():
+            text = line.strip().rstrip(",")
+            if text.startswith('"facts"'):
+                text = "{" + text + "}"
+            if not text.startswith("{"):
+                continue
+            try:
+                item = json.loads(text)
+            except (ValueError, RecursionError):
+                continue
+            if not isinstance(item, dict):
+                continue
+            if "facts" in item and len(item) == 1:
+                with contextlib.suppress(PayloadError):
+                    self.facts, _unknown = decode(self.facts_type, item["facts"], "facts")
+                continue
+            try:
+                cmd = self._command(item)
+            except PayloadError:
+                continue
+            self.commands[cmd.id] = cmd
+
+    # -- writing ----------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write everything (atomic, fsync'd). One line per command, so that a damaged
+        file still gives back the commands on its undamaged lines."""
+        finished = [c for c in self.commands.values() if c.final and c.delivered]
+        for old in finished[:max(0, len(finished) - self.keep_finished)]:
+            del self.commands[old.id]
+        lines = [f'{{"format": {FORMAT},',
+                 json.dumps({"facts": encode(self.facts)}, sort_keys=True)[1:-1] + ",",
+                 '"commands": [']
+        rows = [json.dumps(self._row(c), sort_keys=True) for c in self.commands.values()]
+        lines.append(",\n".join(rows))
+        lines.append("]}")
+        atomic_write(self.path, ("\n".join(lines) + "\n").encode())
+
+    @staticmethod
+    def _row(cmd: Command[P]) -> dict[str, Any]:
+        return {"id": cmd.id, "status": cmd.status.value, "reason": cmd.reason,
+                "payload": encode(cmd.payload), "extra": cmd.extra, "origin": cmd.origin,
+                "created_ms": cmd.created_ms, "updated_ms": cmd.updated_ms,
+                "delivered": cmd.delivered}
+
+    # -- commands ---------------------------------------------------------------------
+
+    def get(self, command_id: str) -> Command[P] | None:
+        return self.commands.get(command_id)
+
+    def active(self) -> list[Command[P]]:
+        """Commands not yet final, oldest first."""
+        return [c for c in self.commands.values() if not c.final]
+
+    def undelivered(self) -> list[Command[P]]:
+        """Final commands whose outcome has not reached the requester yet."""
+        return [c for c in self.commands.values() if c.final and not c.delivered]
+
+    def create(self, command_id: str, payload: P, *, origin: str = "local",
+               extra: dict[str, Any] | None = None,
+               status: Status = Status.EXECUTING) -> Command[P]:
+        """A new command, saved; a finished command with the same id is replaced."""
+        now = self.clock.now_ms()
+        cmd = Command(id=command_id, status=status, payload=payload, extra=dict(extra or {}),
+                      origin=origin, created_ms=now, updated_ms=now)
+        self.commands.pop(command_id, None)
+        self.commands[command_id] = cmd
+        self.save()
+        return cmd
+
+    def put(self, cmd: Command[P]) -> None:
+        """Save ``cmd`` after its payload changed."""
+        cmd.updated_ms = self.clock.now_ms()
+        self.commands[cmd.id] = cmd
+        self.save()
+
+    def resolve(self, cmd: Command[P], status: Status, reason: str = "") -> None:
+        """Set the outcome (or a new status) of ``cmd`` and save it."""
+        self._set(cmd, status, reason)
+        self.save()
+
+    def _set(self, cmd: Command[P], status: Status, reason: str) -> None:
+        cmd.status = status
+        cmd.reason = clip(reason, MAX_REASON_CHARS) if status is Status.FAILED else ""
+        cmd.delivered = False
+        cmd.updated_ms = self.clock.now_ms()
+        self.commands[cmd.id] = cmd
+
+    def delivered(self, cmd: Command[P]) -> None:
+        """The outcome of ``cmd`` reached its requester: it is kept only to recognise a
+        repeated request."""
+        cmd.delivered = True
+        self.save()
+
+    def set_facts(self, facts: F) -> None:
+        self.facts = facts
+        self.save()
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+# -- registration ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalCommand:
+    """A command an operation serves on the local bus: ``te/device/main///cmd/<name>``
+    is published retained with ``capability``; ``handle(id, payload)`` gets every
+    message on ``.../cmd/<name>/<id>`` (an empty payload: the requester cleared it)."""
+
+    name: str
+    capability: dict[str, Any]
+    handle: Callable[[str, bytes], None]
+
+
+class Operation:
+    """How an operation registers with the gateway. Override what the operation uses;
+    the defaults do nothing.
+
+    - ``subscriptions()``: ThingsBoard topics (beyond RPC and attributes) it needs;
+    - ``shared_keys()``: shared attributes asked for on every connect;
+    - ``on_connect()``: a (re)connection to ThingsBoard;
+    - ``on_shared(changes)``: shared attribute changes (deleted keys as None);
+    - ``on_message(topic, payload)``: a message on one of its subscriptions;
+    - ``local_commands()``: the te/ commands it serves;
+    - ``run()``: its background work, started once under the gateway's task group;
+    - ``close()``: called at shutdown, in reverse order of registration.
+    """
+
+    name = "operation"
+
+    def subscriptions(self) -> list[str]:
+        return []
+
+    def shared_keys(self) -> list[str]:
+        return []
+
+    def on_connect(self) -> None:
+        return None
+
+    def on_shared(self, changes: dict[str, Any]) -> None:
+        return None
+
+    def on_message(self, topic: str, payload: bytes) -> bool:
+        return False
+
+    def local_commands(self) -> list[LocalCommand]:
+        return []
+
+    async def run(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+# -- the runner -------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs command work as tasks: one place that catches what a step did not expect
+    (the command ends failed, the gateway goes on) and cancels everything at shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._keys: dict[str, asyncio.Task[Any]] = {}
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, key: str | None = None,
+              on_error: Callable[[BaseException], None] | None = None) -> bool:
+        """Run ``coro``; with ``key``, only when no task with that key is running (False
+        then, and ``coro`` is closed). ``on_error`` gets an exception the task raised."""
+        if key is not None and key in self._keys and not self._keys[key].done():
+            coro.close()
+            return False
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        if key is not None:
+            self._keys[key] = task
+
+        def ended(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if key is not None and self._keys.get(key) is t:
+                del self._keys[key]
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if exc is None:
+                return
+            log.error("operation step failed: %r", exc, exc_info=exc)
+            if on_error is not None:
+                try:
+                    on_error(exc)
+                except Exception:
+                    log.exception("recording the failed step failed")
+
+        task.add_done_callback(ended)
+        return True
+
+    def running(self, key: str) -> bool:
+        task = self._keys.get(key)
+        return task is not None and not task.done()
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Lane:
+    """One thing at a time across operations (a controller update from ThingsBoard or
+    from the local bus): who holds it, and an event when it is free again."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.holder: str | None = None
+        self._free = asyncio.Event()
+        self._free.set()
+
+    def take(self, holder: str) -> bool:
+        if self.holder is not None and self.holder != holder:
+            return False
+        self.holder = holder
+        self._free.clear()
+        return True
+
+    def release(self, holder: str) -> None:
+        if self.holder == holder:
+            self.holder = None
+            self._free.set()
+
+    async def wait_free(self) -> None:
+        await self._free.wait()
+
+
+# -- the local bus side ----------------------------------------------------------------
+
+#: How long a command state is retried on the local bus before the attempt is given up
+#: (it is tried again at the next start while it is not delivered).
+PUBLISH_PATIENCE_S = 60.0
+
+BusPublish = Callable[[str, bytes], "asyncio.Future[None]"]
+
+
+class CommandChannel:
+    """Publishes command states on the local bus: retained, QoS 1, each one awaited
+    until the broker acknowledges it, across reconnects."""
+
+    def __init__(self, publish: BusPublish, connected: asyncio.Event,
+                 clock: Clock | None = None) -> None:
+        self._publish = publish
+        self.connected = connected
+        self.clock = clock or Clock()
+
+    async def send(self, topic: str, message: dict[str, Any] | None,
+                   patience_s: float = PUBLISH_PATIENCE_S) -> bool:
+        """True once the broker acknowledged; False after ``patience_s`` without.
+        ``None`` clears the topic."""
+        payload = b"" if message is None else json.dumps(message).encode()
+        deadline = self.clock.monotonic() + patience_s
+        while self.clock.monotonic() < deadline:
+            remaining = deadline - self.clock.monotonic()
+            try:
+                await asyncio.wait_for(self.connected.wait(), remaining)
+                await asyncio.wait_for(self._publish(topic, payload), 10.0)
+                return True
+            except (ConnectionLost, TimeoutError):
+                await self.clock.sleep(0.2)
+        return False
+
+
+def parse_request(payload: bytes) -> dict[str, Any] | None:
+    """A local command message as a JSON object; None for a cleared command (empty
+    payload) or one that is not a JSON object (logged)."""
+    if not payload:
+        return None
+    try:
+        value = json.loads(payload)
+    except (ValueError, RecursionError):
+        log.warning("local command is not JSON; ignored: %.200r", payload)
+        return None
+    if not isinstance(value, dict):
+        log.warning("local command is not a JSON object; ignored: %.200r", payload)
+        return None
+    return value
