@@ -305,7 +305,7 @@ def test_the_subscriptions_cover_what_is_mapped() -> None:
         assert f"{MAIN}/{kind}/+" in subscribed
         assert f"te/device/main/service/+/{kind}/+" in subscribed
     assert "te/device/main/service/+/status/health" in subscribed
-    assert topics.RESTART_COMMANDS in subscribed
+    assert topics.command_topic("restart") == topics.RESTART_CAPABILITY
     assert topics.HEALTH_CHECK_ALL in subscribed
 
 
@@ -331,7 +331,7 @@ def test_a_retained_health_is_forwarded_but_is_no_sign_of_life(local_broker: Mos
         async def main() -> None:
             settings = LocalMqttSettings(host=local_broker.host, port=local_broker.plain_port,
                                          reconnect_max_s=1.0)
-            bus = LocalBus(settings, forwarded.append, lambda _i, _p: None,
+            bus = LocalBus(settings, forwarded.append, [],
                            lambda name, status: signs.append((name, status)))
             task = asyncio.create_task(bus.run())
             try:

@@ -30,6 +30,7 @@ from conftest import GatewayFactory, merge_config, needs_mosquitto
 from teg_gateway.config import LocalMqttSettings, RestartSettings, Settings
 from teg_gateway.local.bus import LocalBus
 from teg_gateway.local.topics import RESTART_CAPABILITY
+from teg_gateway.operations.engine import LocalCommand
 from teg_gateway.operations.restart import RestartOperation
 from teg_gateway.sandbox.broker import Mosquitto
 from teg_gateway.sandbox.process import GatewayProcess
@@ -319,7 +320,8 @@ def test_a_command_delivered_before_the_bus_says_connected_still_goes_executing_
             restart.on_command(command_id, payload)
 
         bus = LocalBus(settings.local_mqtt, on_mapped=lambda _m: None,
-                       on_restart_command=deliver, on_service_health=lambda _n, _s: None)
+                       commands=[LocalCommand("restart", {}, deliver)],
+                       on_service_health=lambda _n, _s: None)
         restart = RestartOperation(
             settings.restart, state_path,
             lambda topic, payload: bus.publish(topic, payload, retain=True),

@@ -42,6 +42,7 @@ from teg_gateway.logs import CloudLogHandler
 from teg_gateway.mqttlink import ConnectionLost
 from teg_gateway.operations.commands import GatewayControls, register_gateway_rpc
 from teg_gateway.operations.controller_rpc import register_controller_rpc
+from teg_gateway.operations.engine import LocalCommand
 from teg_gateway.operations.files import FileManager
 from teg_gateway.operations.logs_rpc import register_logs_rpc
 from teg_gateway.operations.ota import SHARED_KEYS as OTA_SHARED_KEYS
@@ -128,7 +129,8 @@ class Gateway:
         self.bus: LocalBus | None = None
         if settings.local_mqtt.enabled:
             self.bus = LocalBus(settings.local_mqtt, self._on_local_mapped,
-                                self._on_restart_command, self._on_service_health)
+                                [LocalCommand("restart", {}, self._on_restart_command)],
+                                self._on_service_health)
             self.bus_connected = self.bus.connected
         self.restart = RestartOperation(settings.restart,
                                         state_dir(settings.data_dir) / "restart.json",

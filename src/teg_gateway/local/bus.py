@@ -28,6 +28,7 @@ from teg_gateway.mqttlink import (
     keep_connected,
     wait_closed_or,
 )
+from teg_gateway.operations.engine import LocalCommand
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +37,22 @@ SERVICE_TOPIC = "te/" + topics.service_topic_id(SERVICE_NAME)
 HEALTH_TOPIC = SERVICE_TOPIC + "/status/health"
 HEALTH_CHECK_TOPIC = SERVICE_TOPIC + "/cmd/health/check"
 
-CommandHandler = Callable[[str, bytes], None]
-
-
 class LocalBus:
     """Keeps the local session up and routes what arrives.
 
-    ``on_mapped`` receives what goes to ThingsBoard; ``on_restart_command`` the restart
-    commands (id, payload); ``on_service_health`` a service's health (name, status).
+    ``on_mapped`` receives what goes to ThingsBoard; ``commands`` are the operations'
+    commands of the main device (``te/device/main///cmd/<name>/<id>``), each announced
+    with its retained capability on every connect; ``on_service_health`` a service's
+    health (name, status).
     """
 
     def __init__(self, settings: LocalMqttSettings,
                  on_mapped: Callable[[Mapped], None],
-                 on_restart_command: CommandHandler,
+                 commands: list[LocalCommand],
                  on_service_health: Callable[[str, str], None]) -> None:
         self.settings = settings
         self.on_mapped = on_mapped
-        self.on_restart_command = on_restart_command
+        self.commands = {c.name: c for c in commands}
         self.on_service_health = on_service_health
         self.on_connect: list[Callable[[], None]] = []
         self.connected = asyncio.Event()
@@ -76,7 +76,9 @@ class LocalBus:
                               on_message=self._on_live, on_retained=self._on_retained)
         try:
             await conn.connect(self.settings.host, self.settings.port, timeout=10.0)
-            await conn.subscribe([*topics.SUBSCRIPTIONS, HEALTH_CHECK_TOPIC])
+            await conn.subscribe([*topics.SUBSCRIPTIONS, HEALTH_CHECK_TOPIC,
+                                  *(topics.command_topic(name) + "/+"
+                                    for name in self.commands)])
         except BaseException:
             await conn.close()
             raise
@@ -98,7 +100,9 @@ class LocalBus:
         self.connected.set()
         conn.publish(SERVICE_TOPIC, json.dumps(
             {"@type": "service", "name": SERVICE_NAME, "type": "service"}), retain=True)
-        conn.publish(topics.RESTART_CAPABILITY, b"{}", retain=True)
+        for command in self.commands.values():
+            conn.publish(topics.command_topic(command.name),
+                         json.dumps(command.capability).encode(), retain=True)
         # Health "up" goes last: once it is seen, the registration and the
         # capabilities published before it are on the broker too.
         self.publish_health()
@@ -160,9 +164,12 @@ class LocalBus:
         parsed = topics.parse(topic)
         if parsed is None:
             return
-        if parsed.service is None and parsed.channel[:2] == ("cmd", "restart") \
-                and len(parsed.channel) == 3:
-            self.on_restart_command(parsed.channel[2], payload)
+        if parsed.service is None and parsed.channel[0] == "cmd" and \
+                len(parsed.channel) == 3 and parsed.channel[1] in self.commands:
+            try:
+                self.commands[parsed.channel[1]].handle(parsed.channel[2], payload)
+            except Exception:
+                log.exception("local command on %s failed", topic)
             return
         if parsed.channel == ("status", "health") and parsed.service:
             if parsed.service == SERVICE_NAME:

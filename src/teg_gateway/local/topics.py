@@ -30,7 +30,6 @@ from teg_gateway.bounds import clip
 ROOT = "te"
 MAIN = ("device", "main", "", "")
 RESTART_CAPABILITY = "te/device/main///cmd/restart"
-RESTART_COMMANDS = RESTART_CAPABILITY + "/+"
 HEALTH_CHECK_ALL = "te/device/main///cmd/health/check"
 
 SUBSCRIPTIONS = (
@@ -39,8 +38,14 @@ SUBSCRIPTIONS = (
     "te/device/main/service/+/m/+", "te/device/main/service/+/e/+",
     "te/device/main/service/+/a/+", "te/device/main/service/+/twin/+",
     "te/device/main/service/+/status/health",
-    RESTART_COMMANDS, HEALTH_CHECK_ALL,
+    HEALTH_CHECK_ALL,
 )
+
+
+def command_topic(name: str) -> str:
+    """The capability topic of the main device's command ``name``; its commands are
+    ``<this>/<id>``."""
+    return f"te/device/main///cmd/{name}"
 
 
 def service_topic_id(name: str) -> str:

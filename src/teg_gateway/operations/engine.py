@@ -217,11 +217,15 @@ class CommandRepository(Generic[P, F]):
 
     Build it, then :meth:`load` once at start. Every change goes through :meth:`save`
     (or :meth:`put`), which writes the whole file atomically before returning.
+    ``legacy(value)`` converts a file written by an earlier release (no ``format``
+    field) into this layout (``{"facts": {...}, "commands": [...]}``).
     """
 
-    def __init__(self, path: Path, payload_type: type[P], facts_type: type[F],
-                 clock: Clock | None = None, keep_finished: int = KEEP_FINISHED) -> None:
+    def __init__(self, path: Path, payload_type: type[P], facts_type: type[F], *,
+                 clock: Clock | None = None, keep_finished: int = KEEP_FINISHED,
+                 legacy: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.path = path
+        self.legacy = legacy
         self.payload_type = payload_type
         self.facts_type = facts_type
         self.clock = clock or Clock()
@@ -261,6 +265,9 @@ class CommandRepository(Generic[P, F]):
         return self.damage
 
     def _read(self, value: dict[str, Any]) -> None:
+        if "format" not in value and value and self.legacy is not None:
+            # Written by an earlier release of the gateway: converted once, not damaged.
+            value = self.legacy(value)
         facts = value.get("facts", {})
         self.facts, _unknown = decode(self.facts_type, facts, "facts")
         commands = value.get("commands", [])
