@@ -24,9 +24,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from teg_gateway.clock import Clock
 from teg_gateway.config import Settings, load_settings
 from teg_gateway.gateway import Gateway
 from teg_gateway.local import topics
+from teg_gateway.operations.engine import CommandChannel
 from teg_gateway.operations.files import FileManager
 from teg_gateway.operations.ota import OtaError, OtaManager, unpack_package
 from teg_gateway.operations.restart import RestartOperation
@@ -258,8 +260,10 @@ def test_restart_command_payloads_never_escape(data: Path,
         fut.set_result(None)
         return fut
 
-    operation = RestartOperation(found.restart, data / "state" / "restart.json", publish,
-                                 connected, reported.append)
+    clock = Clock()
+    operation = RestartOperation(found.restart, data / "state" / "restart.json",
+                                 CommandChannel(publish, connected, clock), reported.append,
+                                 clock)
     connected.set()
 
     @FUZZ

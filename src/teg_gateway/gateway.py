@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from teg_gateway import __version__
+from teg_gateway.clock import Clock
 from teg_gateway.cloud import session as topics
 from teg_gateway.cloud.forwarder import Forwarder
 from teg_gateway.cloud.limits import SessionLimits, payload_room
@@ -42,7 +43,7 @@ from teg_gateway.logs import CloudLogHandler
 from teg_gateway.mqttlink import ConnectionLost
 from teg_gateway.operations.commands import GatewayControls, register_gateway_rpc
 from teg_gateway.operations.controller_rpc import register_controller_rpc
-from teg_gateway.operations.engine import LocalCommand
+from teg_gateway.operations.engine import CommandChannel, LocalCommand
 from teg_gateway.operations.files import FileManager
 from teg_gateway.operations.logs_rpc import register_logs_rpc
 from teg_gateway.operations.ota import SHARED_KEYS as OTA_SHARED_KEYS
@@ -134,8 +135,9 @@ class Gateway:
             self.bus_connected = self.bus.connected
         self.restart = RestartOperation(settings.restart,
                                         state_dir(settings.data_dir) / "restart.json",
-                                        self._bus_publish_retained, self.bus_connected,
-                                        self.report_telemetry)
+                                        CommandChannel(self._bus_publish_retained,
+                                                       self.bus_connected, Clock()),
+                                        self.report_telemetry, Clock())
         register_gateway_rpc(self.rpc, GatewayControls(
             stores=self.stores, rpc_settings=settings.rpc, restart=self.restart,
             bus_publish=self._bus_publish_retained, bus_connected=self.bus_connected,
