@@ -295,6 +295,8 @@ class RestartOperation(Operation):
     def start(self, command_id: str) -> None:
         """Start a restart without a requester on the bus (RPC ``reboot``)."""
         self._load()
+        if self.repo.get(command_id) is not None:
+            return  # it came back through the bus after all
         self._begin(command_id, {}, via_bus=self.channel.connected.is_set())
 
     async def run(self) -> None:
