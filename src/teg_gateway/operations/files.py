@@ -8,7 +8,9 @@ is put back.
 
 Reconciliation runs on every connect (after asking for the keys it needs), on every
 attribute change (coalesced: a burst of changes gives one pass) and when a managed
-file changes on disk (found by a poll). Passes never overlap.
+file changes on disk (found by a poll). Passes never overlap. The hashes reported as
+``FILE_HASHES`` are kept in ``<data>/state/files.json``: the facts (:class:`FileFacts`)
+of a :class:`CommandRepository` without commands.
 
 Security: a path is resolved (``..`` and symlinks included) and must lie inside one of
 the allowed directories; the gateway's own files (databases, state, credentials) are
@@ -882,10 +884,10 @@ class FileManager(Operation):
 
     def _load_state(self) -> None:
         try:
-            damage = self.repo.load()
+            self.repo.load()
         except OSError as exc:
-            damage = None
             log.error("files: could not save %s: %s", self.state_path, exc)
+        damage = self.repo.damage
         if damage is not None:
             # Reported when the loop starts (telemetry is not open yet). What could still
             # be read is kept; the next pass finds every other hash again.

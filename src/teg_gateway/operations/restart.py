@@ -215,11 +215,8 @@ class RestartOperation(Operation):
         if self._loaded:
             return
         self._loaded = True
-        try:
-            damage = self.repo.load()
-        except OSError as exc:
-            log.error("restart: cannot write %s: %s", self.repo.path, exc)
-            return
+        self._save(self.repo.load)
+        damage = self.repo.damage
         for cmd in self.repo.active():
             self._resolve_after_start(cmd)
         if damage is None:
@@ -236,7 +233,7 @@ class RestartOperation(Operation):
             self.report({"restart_status": "failed", "restart_reason": reason,
                          "restart_id": ""})
 
-    def _save(self, step: Callable[..., None], *args: Any) -> bool:
+    def _save(self, step: Callable[..., object], *args: Any) -> bool:
         """A repository step; False (logged) when the file cannot be written."""
         try:
             step(*args)
