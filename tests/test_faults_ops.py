@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import GatewayFactory, needs_mosquitto
+from teg_gateway.operations.engine import CommandRepository, Nothing
+from teg_gateway.operations.files import FileFacts, FileHash
+from teg_gateway.operations.restart import RestartJob
 from teg_gateway.sandbox.certs import Pki
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
 from test_ota import (
@@ -200,4 +203,75 @@ def test_remote_files_conflicts_ota_areas_and_hard_links_are_refused(
     assert '"controller_restarted": false' in reply and '"written": []' in reply, reply
     assert not (data_dir / "app.conf").exists()
     assert installed.read_text() == "verified code\n"
+    assert gateway.stop() == 0
+
+
+# -- damaged state of restart and remote files ----------------------------------------------
+
+
+def _cut_at_the_end(path: Path) -> str:
+    """Cut what the repository wrote before its closing bracket (every line before it
+    stays whole), as a power cut in the middle of a write without fsync could."""
+    whole = path.read_text()
+    text = whole[:whole.rindex("]")]
+    path.write_text(text)
+    return text
+
+
+@needs_mosquitto
+def test_a_damaged_restart_state_ends_the_executing_restart_failed(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, data_dir: Path,
+        tmp_path: Path) -> None:
+    """An RPC reboot was executing (no local broker) when restart.json was damaged: the
+    next start ends it failed with the reason, reports it, and takes new reboots."""
+    boot_id = tmp_path / "boot_id"
+    boot_id.write_text("boot-1\n")
+    path = data_dir / "state" / "restart.json"
+    path.parent.mkdir()
+    repo = CommandRepository(path, RestartJob, Nothing)
+    repo.load()
+    repo.create("tb-rpc-7", RestartJob(boot_id="boot-0", via_bus=False), origin="gateway")
+    text = _cut_at_the_end(path)
+    gateway = make_gateway({"restart": {"command": ["false"], "boot_id_file": str(boot_id)}})
+    gateway.start()
+    thingsboard.wait_for(lambda: "failed" in thingsboard.telemetry_values("restart_status"),
+                         timeout=20, message="no restart outcome")
+    assert thingsboard.telemetry_values("restart_id") == ["tb-rpc-7"]
+    reason = thingsboard.telemetry_values("restart_reason")[-1]
+    assert reason.startswith("The gateway's restart state was damaged: ") and \
+        "restart.json" in reason, reason
+    assert [p.read_text() for p in path.parent.glob("restart.json.corrupt-*")] == [text]
+    saved = json.loads(path.read_text())["commands"]
+    assert [(c["id"], c["status"], c["reason"], c["delivered"]) for c in saved] == [
+        ("tb-rpc-7", "failed", reason, True)]
+    assert thingsboard.rpc("status")["message"]["restart_pending"] is None
+    # A new reboot is taken (and fails here: the reboot command is `false`).
+    assert "error" not in thingsboard.rpc("reboot")
+    thingsboard.wait_for(lambda: len(thingsboard.telemetry_values("restart_status")) >= 3,
+                         timeout=20, message="the new reboot is not reported")
+    assert thingsboard.telemetry_values("restart_status")[-2:] == ["executing", "failed"]
+    assert gateway.stop() == 0
+
+
+@needs_mosquitto
+def test_a_damaged_files_state_is_reported_and_the_files_still_kept(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, data_dir: Path) -> None:
+    path = data_dir / "state" / "files.json"
+    path.parent.mkdir()
+    repo = CommandRepository(path, Nothing, FileFacts)
+    repo.load()
+    repo.set_facts(FileFacts({"a": FileHash("0" * 32, 1)}))
+    path.write_text(path.read_text().replace('"commands": [', '"commands": \x00['))
+    thingsboard.set_shared({"FILES": {"a": {"path": "$DATA_PATH/a.txt", "write_version": 2}},
+                            "FILE_CONTENT_a": "A"})
+    gateway = make_gateway()
+    gateway.start()
+    thingsboard.wait_for(lambda: thingsboard.client_attributes.get("FILE_HASHES", {}).get(
+        "a", {}).get("write_version") == 2, timeout=20, message="a is not reconciled")
+    assert (data_dir / "a.txt").read_text() == "A"
+    errors = [str(e) for e in thingsboard.telemetry_values("files_error")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "the file-management state was damaged: ") and "files.json" in errors[0], errors
+    assert len(list(path.parent.glob("files.json.corrupt-*"))) == 1
+    assert json.loads(path.read_text())["facts"]["hashes"]["a"]["write_version"] == 2
     assert gateway.stop() == 0

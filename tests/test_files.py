@@ -16,10 +16,13 @@ from typing import Any, TypeVar
 import pytest
 
 from conftest import GatewayFactory, needs_mosquitto
+from teg_gateway.clock import Clock, FakeClock
 from teg_gateway.config import Settings, load_settings
 from teg_gateway.operations.files import (
     NO_FILE,
     NOT_A_FILE,
+    FileArea,
+    FileHash,
     FileManager,
     FileRefused,
     _hash_file,
@@ -80,9 +83,13 @@ class Recorder:
         return [t["files_error"] for t in self.telemetry if "files_error" in t]
 
 
-def manager(settings: Settings, rec: Recorder, restart: bool = True) -> FileManager:
-    return FileManager(settings, rec.publish, rec.report, rec.request,
-                       rec.restart if restart else None)
+def manager(settings: Settings, rec: Recorder, restart: bool = True,
+            clock: Clock | None = None) -> FileManager:
+    return FileManager(settings.files, FileArea.of(settings), publish_attributes=rec.publish,
+                       report=rec.report, request_shared=rec.request,
+                       restart_controller=rec.restart if restart else None,
+                       max_payload_bytes=settings.outbox.max_payload_bytes,
+                       clock=clock or Clock())
 
 
 @pytest.fixture
@@ -96,11 +103,11 @@ def data(tmp_path: Path) -> Path:
 
 
 def test_paths_inside_the_controller_data_dir_are_allowed(data: Path) -> None:
-    settings = make_settings(data)
-    assert resolve_path("$DATA_PATH/conf/a.txt", settings) == data.resolve() / "conf/a.txt"
-    assert resolve_path("${DATA_PATH}/b.txt", settings) == data.resolve() / "b.txt"
-    assert resolve_path("relative/c.txt", settings) == data.resolve() / "relative/c.txt"
-    assert resolve_path(str(data / "x/../d.txt"), settings) == data.resolve() / "d.txt"
+    area = FileArea.of(make_settings(data))
+    assert resolve_path("$DATA_PATH/conf/a.txt", area) == data.resolve() / "conf/a.txt"
+    assert resolve_path("${DATA_PATH}/b.txt", area) == data.resolve() / "b.txt"
+    assert resolve_path("relative/c.txt", area) == data.resolve() / "relative/c.txt"
+    assert resolve_path(str(data / "x/../d.txt"), area) == data.resolve() / "d.txt"
 
 
 @pytest.mark.parametrize("raw", ["$DATA_PATH/../escape.txt", "$DATA_PATH/a/../../escape.txt",
@@ -108,7 +115,7 @@ def test_paths_inside_the_controller_data_dir_are_allowed(data: Path) -> None:
                                  "$DATA_PATH/bad\x00name"])
 def test_hostile_paths_are_refused(data: Path, raw: str) -> None:
     with pytest.raises(FileRefused):
-        resolve_path(raw, make_settings(data))
+        resolve_path(raw, FileArea.of(make_settings(data)))
 
 
 def test_a_symlink_out_of_the_allowed_dirs_is_refused(data: Path, tmp_path: Path) -> None:
@@ -118,13 +125,13 @@ def test_a_symlink_out_of_the_allowed_dirs_is_refused(data: Path, tmp_path: Path
     (data / "file-link").symlink_to(outside / "target.txt")
     settings = make_settings(data)
     with pytest.raises(FileRefused, match="outside the allowed directories"):
-        resolve_path("$DATA_PATH/link/evil.txt", settings)
+        resolve_path("$DATA_PATH/link/evil.txt", FileArea.of(settings))
     with pytest.raises(FileRefused, match="outside the allowed directories"):
-        resolve_path("$DATA_PATH/file-link", settings)
+        resolve_path("$DATA_PATH/file-link", FileArea.of(settings))
     # A link that stays inside is followed: the target is what gets written.
     (data / "inner").mkdir()
     (data / "inner-link").symlink_to(data / "inner")
-    assert resolve_path("$DATA_PATH/inner-link/ok.txt", settings) == \
+    assert resolve_path("$DATA_PATH/inner-link/ok.txt", FileArea.of(settings)) == \
         data.resolve() / "inner/ok.txt"
 
 
@@ -135,7 +142,7 @@ def test_a_directory_swapped_for_a_link_after_the_check_leads_nowhere(
     (outside / "app.conf").write_text("secret outside")
     (data / "conf").mkdir()
     settings = make_settings(data)
-    loc = locate("$DATA_PATH/conf/app.conf", settings)
+    loc = locate("$DATA_PATH/conf/app.conf", FileArea.of(settings))
     assert loc.path == data.resolve() / "conf" / "app.conf"
     # Checked; now someone who can write in the data directory swaps conf for a link.
     (data / "conf").rename(data / "conf.old")
@@ -158,7 +165,7 @@ def test_a_file_swapped_for_a_link_or_a_fifo_is_not_followed(data: Path,
     secret = tmp_path / "secret"
     secret.write_text("secret outside")
     settings = make_settings(data)
-    loc = locate("$DATA_PATH/app.conf", settings)
+    loc = locate("$DATA_PATH/app.conf", FileArea.of(settings))
     (data / "app.conf").symlink_to(secret)
     read = _read_file(loc, 1000)
     assert read.data is None and read.problem == NOT_A_FILE  # not the secret
@@ -168,7 +175,7 @@ def test_a_file_swapped_for_a_link_or_a_fifo_is_not_followed(data: Path,
     assert (data / "app.conf").read_bytes() == b"from the server"
     assert secret.read_text() == "secret outside"
     # A FIFO never blocks a read.
-    fifo = locate("$DATA_PATH/fifo", settings)
+    fifo = locate("$DATA_PATH/fifo", FileArea.of(settings))
     os.mkfifo(data / "fifo")
     assert _read_file(fifo, 1000).problem == NOT_A_FILE
 
@@ -178,15 +185,15 @@ def test_the_gateway_own_files_are_refused(data: Path) -> None:
     for raw in ("$DATA_PATH/outbox.db", "$DATA_PATH/archive.db-wal", "$DATA_PATH/tb_access_token",
                 "$DATA_PATH/state/files.json", "$DATA_PATH/communication_queue.db"):
         with pytest.raises(FileRefused, match="the gateway itself"):
-            resolve_path(raw, settings)
+            resolve_path(raw, FileArea.of(settings))
 
 
 def test_configured_allowed_dirs_replace_the_default(data: Path, tmp_path: Path) -> None:
     etc = tmp_path / "etc-app"
     settings = make_settings(data, allowed_dirs=[str(etc)])
-    assert resolve_path(str(etc / "app.conf"), settings) == etc.resolve() / "app.conf"
+    assert resolve_path(str(etc / "app.conf"), FileArea.of(settings)) == etc.resolve() / "app.conf"
     with pytest.raises(FileRefused):
-        resolve_path("$DATA_PATH/a.txt", settings)
+        resolve_path("$DATA_PATH/a.txt", FileArea.of(settings))
 
 
 # -- FILES and contents --------------------------------------------------------------------
@@ -259,7 +266,8 @@ def test_a_pass_writes_mirrors_and_hashes(data: Path) -> None:
         "b": {"hash": md5(b"\x00\x01\x02"), "write_version": None}}
     # Durable: a new manager starts from the saved hashes.
     saved = json.loads((data / "state/files.json").read_text())
-    assert saved["hashes"]["a"]["hash"] == md5(b"hello")
+    assert saved["facts"]["hashes"]["a"] == {"hash": md5(b"hello"), "write_version": 7}
+    assert manager(make_settings(data), Recorder()).hashes == files.hashes
     # A second pass with nothing changed writes and publishes nothing.
     before = len(rec.publishes)
     assert run(files.reconcile()).written == []
@@ -583,8 +591,8 @@ def test_ota_and_state_areas_are_never_managed_even_when_allowed(data: Path) -> 
     for raw in ("$DATA_PATH/controller/versions/2.0/app.py", "$DATA_PATH/ota/2.0.part",
                 "$DATA_PATH/state/ota.json", "$DATA_PATH/controller/versions"):
         with pytest.raises(FileRefused, match="the gateway itself"):
-            resolve_path(raw, settings)
-    assert resolve_path("$DATA_PATH/controller/app.conf", settings) == \
+            resolve_path(raw, FileArea.of(settings))
+    assert resolve_path("$DATA_PATH/controller/app.conf", FileArea.of(settings)) == \
         data.resolve() / "controller/app.conf"
 
 
@@ -650,6 +658,93 @@ def test_a_damaged_hash_file_is_quarantined_and_reported(data: Path) -> None:
     run(first_poll())
     assert "file-management state was damaged" in rec.errors()[0]
     assert len(list((data / "state").glob("files.json.corrupt-*"))) == 1
+
+
+def test_a_damaged_hash_file_keeps_what_can_be_read(data: Path) -> None:
+    settings = make_settings(data)
+    rec = Recorder()
+    files = manager(settings, rec)
+    files.on_shared(files_attr(a={"path": "a.txt", "write_version": 2}))
+    files.on_shared({"FILE_CONTENT_a": "A"})
+    run(files.reconcile())
+    path = data / "state" / "files.json"
+    whole = path.read_text()
+    path.write_text(whole[:whole.rindex("]")])  # the end of the file is lost
+    again = manager(settings, Recorder())
+    assert again.hashes == {"a": FileHash(md5(b"A"), 2)}
+    assert len(list((data / "state").glob("files.json.corrupt-*"))) == 1
+    assert json.loads(path.read_text())["facts"]["hashes"]["a"]["hash"] == md5(b"A")
+
+
+def test_the_hash_file_of_an_earlier_release_is_read(data: Path) -> None:
+    (data / "state").mkdir()
+    (data / "a.txt").write_text("A")
+    (data / "state" / "files.json").write_text(json.dumps({"hashes": {
+        "a": {"hash": md5(b"A"), "write_version": 3}, "junk": 5,
+        "no-hash": {"write_version": 1}}}))
+    rec = Recorder()
+    files = manager(make_settings(data), rec)
+    assert files.hashes == {"a": FileHash(md5(b"A"), 3)}
+    files.on_shared(files_attr(a={"path": "a.txt", "write_version": 3}))
+    files.on_shared({"FILE_CONTENT_a": "A"})
+    result = run(files.reconcile())
+    assert result.written == [] and result.unchanged == ["a"]
+    assert rec.attributes["FILE_HASHES"] == {"a": {"hash": md5(b"A"), "write_version": 3}}
+    assert rec.errors() == []
+    assert not list((data / "state").glob("files.json.corrupt-*"))
+    # Written in today's layout at the next change.
+    files.on_shared({"FILE_CONTENT_a": "B"})
+    run(files.reconcile())
+    saved = json.loads((data / "state" / "files.json").read_text())
+    assert saved["format"] == 1
+    assert saved["facts"]["hashes"] == {"a": {"hash": md5(b"B"), "write_version": 3}}
+
+
+def test_changes_are_coalesced_and_the_disk_polled_on_the_clock(data: Path) -> None:
+    """Nothing happens before the clock says so: a burst of changes gives one pass after
+    the coalescing delay, a local change is put back at the next poll."""
+    rec = Recorder()
+    clock = FakeClock()
+    files = manager(make_settings(data, poll_interval_s=30.0), rec, clock=clock)
+
+    def hashes_published() -> int:
+        return len([p for p in rec.publishes if "FILE_HASHES" in p])
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(files.run())
+        try:
+            await asyncio.sleep(0)
+            files.on_shared(files_attr(a={"path": "a.txt", "restart_controller_on_change": True},
+                                       b={"path": "b.txt"}))
+            files.on_shared({"FILE_CONTENT_a": "1"})
+            await clock.advance(0.1)
+            files.on_shared({"FILE_CONTENT_b": "2"})
+            await clock.advance(0.1)
+            assert not (data / "a.txt").exists() and hashes_published() == 0
+            await clock.advance(0.2)
+            for _ in range(100):
+                if hashes_published():
+                    break
+                await asyncio.sleep(0.01)
+            assert (data / "a.txt").read_text() == "1" and (data / "b.txt").read_text() == "2"
+            assert hashes_published() == 1 and len(rec.restarts) == 1
+            # A local change waits for the poll.
+            (data / "b.txt").write_text("changed here")
+            await clock.advance(29.0)
+            assert (data / "b.txt").read_text() == "changed here"
+            await clock.advance(1.0)
+            for _ in range(100):
+                if (data / "b.txt").read_text() == "2":
+                    break
+                await asyncio.sleep(0.01)
+            assert (data / "b.txt").read_text() == "2"
+            assert rec.attributes["FILE_READ_b"] == "2"
+            assert len(rec.restarts) == 1  # b does not restart the controller
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    run(scenario())
 
 
 def test_oversized_files_entries_are_refused() -> None:

@@ -24,10 +24,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from teg_gateway.clock import Clock
 from teg_gateway.config import Settings, load_settings
 from teg_gateway.gateway import Gateway
 from teg_gateway.local import topics
-from teg_gateway.operations.files import FileManager
+from teg_gateway.operations.engine import CommandChannel
+from teg_gateway.operations.files import FileArea, FileManager
 from teg_gateway.operations.ota import OtaError, OtaManager, unpack_package
 from teg_gateway.operations.restart import RestartOperation
 
@@ -162,8 +164,10 @@ def test_remote_file_attributes_never_escape_and_stay_bounded(
         return "ok"
 
     found = make_settings(data)
-    manager = FileManager(found, published.append, reported.append, lambda _keys: None,
-                          restart)
+    manager = FileManager(found.files, FileArea.of(found), publish_attributes=published.append,
+                          report=reported.append, request_shared=lambda _keys: None,
+                          restart_controller=restart,
+                          max_payload_bytes=found.outbox.max_payload_bytes, clock=Clock())
 
     @FUZZ
     @given(files_values, st.dictionaries(st.sampled_from(["a", "b", "k", ""]),
@@ -258,8 +262,10 @@ def test_restart_command_payloads_never_escape(data: Path,
         fut.set_result(None)
         return fut
 
-    operation = RestartOperation(found.restart, data / "state" / "restart.json", publish,
-                                 connected, reported.append)
+    clock = Clock()
+    operation = RestartOperation(found.restart, data / "state" / "restart.json",
+                                 CommandChannel(publish, connected, clock), reported.append,
+                                 clock)
     connected.set()
 
     @FUZZ

@@ -27,11 +27,18 @@ from typing import Any
 import pytest
 
 from conftest import GatewayFactory, merge_config, needs_mosquitto
+from teg_gateway.clock import Clock, FakeClock
 from teg_gateway.config import LocalMqttSettings, RestartSettings, Settings
 from teg_gateway.local.bus import LocalBus
 from teg_gateway.local.topics import RESTART_CAPABILITY
-from teg_gateway.operations.engine import LocalCommand
-from teg_gateway.operations.restart import RestartOperation
+from teg_gateway.operations.engine import (
+    CommandChannel,
+    CommandRepository,
+    LocalCommand,
+    Nothing,
+    Status,
+)
+from teg_gateway.operations.restart import RestartJob, RestartOperation, legacy_state
 from teg_gateway.sandbox.broker import Mosquitto
 from teg_gateway.sandbox.process import GatewayProcess
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
@@ -58,7 +65,8 @@ client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="reboot-command")
 client.on_message = lambda c, u, m: retained.append(m.payload.decode())
 client.connect("127.0.0.1", int(port))
 client.loop_start()
-client.subscribe(state["pending"]["topic"], 1)
+executing = [c for c in state["commands"] if c["status"] == "executing"]
+client.subscribe("te/device/main///cmd/restart/" + executing[0]["id"], 1)
 deadline = time.monotonic() + 10
 while not retained and time.monotonic() < deadline:
     time.sleep(0.01)
@@ -168,6 +176,26 @@ def read_state(path: Path) -> Any:
         return None
 
 
+def rows(state: Any) -> dict[str, dict[str, Any]]:
+    """The commands of a restart.json, by id."""
+    return {row["id"]: row for row in state["commands"]}
+
+
+def executing_row(state: Any) -> dict[str, Any]:
+    """The one command of a restart.json that is executing."""
+    found: list[dict[str, Any]] = [row for row in state["commands"]
+                                   if row["status"] == "executing"]
+    assert len(found) == 1, state
+    return found[0]
+
+
+def all_delivered(path: Path) -> bool:
+    """Every command in restart.json ended and its outcome reached the requester."""
+    state = read_state(path)
+    return all(row["delivered"] and row["status"] in ("successful", "failed")
+               for row in state["commands"])
+
+
 @pytest.fixture
 def rig(data_dir: Path, tmp_path: Path) -> Iterator[Rig]:
     """A local broker (plain, as on the device), a boot id and the observer."""
@@ -226,10 +254,9 @@ def test_the_outcome_is_decided_by_the_boot_id_at_the_next_start(
     rig.wait_statuses("c8y-1", ["init", "executing"], gateway)
     assert rig.states("c8y-1")[1] == {"status": "executing", **EXTRA}
     for state in (rig.state_at_executing[0], json.loads((rig.seen / "state.json").read_text())):
-        pending = state["pending"]
-        assert (pending["id"], pending["phase"], pending["boot_id"]) == (
-            "c8y-1", "executing", first_boot)
-        assert pending["command"] == {"status": "executing", **EXTRA}
+        row = executing_row(state)
+        assert (row["id"], row["payload"]["boot_id"]) == ("c8y-1", first_boot)
+        assert row["extra"] == EXTRA
     assert json.loads((rig.seen / "retained.json").read_text()) == {
         "status": "executing", **EXTRA}
     assert (rig.boot_id.read_text().strip() != first_boot) == (mode == "reboot")
@@ -241,8 +268,8 @@ def test_the_outcome_is_decided_by_the_boot_id_at_the_next_start(
                       "restart_reason": outcome.get("reason", "")}
     assert [r["restart_status"] for r in restart_reports(thingsboard)] == [
         "executing", outcome["status"]]
-    wait_until(lambda: not {"pending", "finished"} & set(read_state(rig.state_path)),
-               "the command is forgotten once its outcome is published", gateway)
+    wait_until(lambda: all_delivered(rig.state_path),
+               "the command is settled once its outcome is published", gateway)
 
     # Only the requester clears a command: the outcome stays retained.
     assert gateway.stop() == 0
@@ -260,7 +287,7 @@ def test_an_init_published_while_the_gateway_is_down_is_served_at_start(
     assert wait_exit(gateway) == 0, gateway.log_tail()
     assert json.loads((rig.seen / "retained.json").read_text()) == {"status": "executing"}
     rig.wait_statuses("early", ["init", "executing"], gateway)
-    assert rig.state_at_executing[0]["pending"]["phase"] == "executing"
+    assert executing_row(rig.state_at_executing[0])["id"] == "early"
     gateway.start()
     assert rig.wait_status("early", "successful", gateway) == {"status": "successful"}
     assert rig.statuses("early") == ["init", "executing", "successful"]
@@ -287,8 +314,7 @@ def test_a_power_cut_right_after_executing_is_resolved_at_the_next_start(
     finally:
         with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
-    pending = read_state(rig.state_path)["pending"]
-    assert (pending["id"], pending["phase"]) == ("cut", "executing")
+    assert executing_row(read_state(rig.state_path))["id"] == "cut"
 
     if device_restarted:
         rig.new_boot()
@@ -322,17 +348,18 @@ def test_a_command_delivered_before_the_bus_says_connected_still_goes_executing_
         bus = LocalBus(settings.local_mqtt, on_mapped=lambda _m: None,
                        commands=[LocalCommand("restart", {}, deliver)],
                        on_service_health=lambda _n, _s: None)
+        clock = Clock()
         restart = RestartOperation(
             settings.restart, state_path,
-            lambda topic, payload: bus.publish(topic, payload, retain=True),
-            bus.connected, reports.append)
+            CommandChannel(lambda topic, payload: bus.publish(topic, payload, retain=True),
+                           bus.connected, clock), reports.append, clock)
         restart.on_command("early", b'{"status": "init", "n": 1}')
         running = asyncio.ensure_future(bus.run())
         try:
             async with asyncio.timeout(WAIT):
                 while not any(r["restart_status"] == "failed" for r in reports):
                     await asyncio.sleep(0.02)
-                while "finished" in read_state(state_path):
+                while not all_delivered(state_path):
                     await asyncio.sleep(0.02)
         finally:
             await restart.close()
@@ -409,18 +436,19 @@ def test_an_outcome_decided_while_the_broker_is_down_is_published_after_a_kill_9
     rig.request("c1", **EXTRA)
     gateway.wait_for_log("restart c1 failed: The reboot command exited with code 1")
     gateway.wait_for_log("local broker: connection lost")
-    record = read_state(rig.state_path)["finished"]["c1"]
-    assert record["command"] == {"status": "failed", **EXTRA,
-                                 "reason": "The reboot command exited with code 1"}
+    record = rows(read_state(rig.state_path))["c1"]
+    assert (record["status"], record["reason"], record["extra"], record["delivered"]) == (
+        "failed", "The reboot command exited with code 1", EXTRA, False)
     gateway.kill()
 
     rig.local.start()  # same port, but empty: the broker keeps nothing (no persistence)
     with BusClient(rig.local, [rig.topic("c1")]) as bus:
         gateway.start()
         bus.wait_for(lambda: bus.payloads(rig.topic("c1")) != [], "the outcome", gateway)
-        assert bus.documents(rig.topic("c1")) == [record["command"]]
-    wait_until(lambda: "finished" not in read_state(rig.state_path),
-               "the outcome is forgotten once acknowledged", gateway)
+        assert bus.documents(rig.topic("c1")) == [
+            {"status": "failed", **EXTRA, "reason": "The reboot command exited with code 1"}]
+    wait_until(lambda: all_delivered(rig.state_path),
+               "the outcome is settled once acknowledged", gateway)
 
 
 def test_a_device_that_does_not_restart_in_time_fails_and_a_second_init_is_refused(
@@ -484,7 +512,7 @@ def test_rpc_reboot_goes_through_the_restart_operation_and_clears_its_command(
                    "restart_status and restart_reason"}
     assert wait_exit(gateway) == 0, gateway.log_tail()
     rig.wait_statuses(command_id, ["init", "executing"], gateway)
-    assert rig.state_at_executing[0]["pending"]["id"] == command_id
+    assert executing_row(rig.state_at_executing[0])["id"] == command_id
 
     gateway.start()
     rig.wait_status(command_id, None, gateway)  # the gateway was the requester: cleared
@@ -546,31 +574,185 @@ def test_rpc_reboot_without_a_local_broker_still_reports_the_outcome(
         "restart_reason": f"The reboot command '{missing}' cannot be started: "
                           "No such file or directory"}
     state_path = tmp_path / "data" / "state" / "restart.json"
-    wait_until(lambda: not {"pending", "finished"} & set(read_state(state_path)),
-               "the ended restart is forgotten", gateway)
+    wait_until(lambda: all_delivered(state_path), "the ended restart is settled", gateway)
     assert thingsboard.rpc("status")["message"]["restart_pending"] is None
 
 
 @pytest.mark.parametrize("recoverable", [True, False])
-def test_a_damaged_state_file_fails_the_pending_restart_with_a_reason(
+def test_a_damaged_state_file_fails_the_executing_restart_with_a_reason(
         make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, rig: Rig,
         recoverable: bool) -> None:
     rig.state_path.parent.mkdir(parents=True, exist_ok=True)
-    text = ('{\n "pending": {\n  "boot_id": "b",\n  "command": {\n   "status": "executing"\n'
-            '  },\n  "id": "dmg-1",\n  "phase": "exec') if recoverable else "\x00\x01garbage"
+    text = "\x00\x01garbage"
+    if recoverable:
+        # Written by the gateway, then cut: the end of the file is lost, every command
+        # line is still whole.
+        repo = CommandRepository(rig.state_path, RestartJob, Nothing)
+        repo.load()
+        done = repo.create("old", RestartJob(boot_id="b0"))
+        repo.resolve(done, Status.SUCCESSFUL)
+        repo.delivered(done)
+        repo.create("dmg-1", RestartJob(boot_id="b"), extra=EXTRA)
+        whole = rig.state_path.read_text()
+        text = whole[:whole.rindex("]}")]
     rig.state_path.write_text(text)
     gateway = make_gateway(config=rig.config(rig.reboot_command("reboot")))
     gateway.start()
     report = wait_report(thingsboard, gateway, "failed")
-    assert "restart state was damaged" in report["restart_reason"]
+    assert report["restart_reason"].startswith("The gateway's restart state was damaged: ")
+    assert "restart.json" in report["restart_reason"]
     assert report["restart_id"] == ("dmg-1" if recoverable else "")
     if recoverable:
         outcome = rig.wait_status("dmg-1", "failed", gateway)
-        assert "restart state was damaged" in outcome["reason"]
+        assert outcome == {"status": "failed", **EXTRA, "reason": report["restart_reason"]}
+        wait_until(lambda: all_delivered(rig.state_path), "the outcome is settled", gateway)
+        assert set(rows(read_state(rig.state_path))) == {"old", "dmg-1"}
     quarantined = list(rig.state_path.parent.glob("restart.json.corrupt-*"))
     assert [p.read_text() for p in quarantined] == [text]
-    # Still manageable: the next restart runs as usual.
+    # Still manageable: a repeated request is recognised, the next restart runs as usual.
     rig.wait_registered(gateway)
+    if recoverable:
+        rig.request("old")
     rig.request("after")
     assert wait_exit(gateway) == 0, gateway.log_tail()
-    assert "ERROR" in gateway.log_text() and "moved aside" in gateway.log_text()
+    assert executing_row(json.loads((rig.seen / "state.json").read_text()))["id"] == "after"
+    if recoverable:
+        assert rig.statuses("old") == ["init"]
+
+
+# -- the layout of earlier releases -------------------------------------------------------
+
+
+def earlier_layout(boot_id: str) -> dict[str, Any]:
+    """restart.json as an earlier release left it in the middle of a restart: one command
+    executing, one outcome not yet acknowledged, and the ids already handled."""
+    return {
+        "pending": {"id": "old-1", "topic": f"{RESTART_CAPABILITY}/old-1",
+                    "command": {"status": "executing", **EXTRA}, "boot_id": boot_id,
+                    "phase": "executing", "started_ms": 1_700_000_000_000, "via_bus": True},
+        "finished": {"old-0": {"id": "old-0", "topic": f"{RESTART_CAPABILITY}/old-0",
+                               "command": {"status": "failed", "reason": "it broke", "n": 1},
+                               "phase": "final", "via_bus": True}},
+        "recent": ["done-1", "old-0", "old-1"]}
+
+
+def test_the_layout_of_an_earlier_release_is_read_as_commands(tmp_path: Path) -> None:
+    path = tmp_path / "restart.json"
+    path.write_text(json.dumps(earlier_layout("boot-a")))
+    repo = CommandRepository(path, RestartJob, Nothing, legacy=legacy_state)
+    assert repo.load() is None
+    assert list(repo.commands) == ["done-1", "old-0", "old-1"]
+    executing = repo.commands["old-1"]
+    assert (executing.status, executing.extra, executing.payload) == (
+        Status.EXECUTING, EXTRA, RestartJob("boot-a", True, 1_700_000_000_000))
+    finished = repo.commands["old-0"]
+    assert (finished.status, finished.reason, finished.extra, finished.delivered) == (
+        Status.FAILED, "it broke", {"n": 1}, False)
+    assert repo.commands["done-1"].final and repo.commands["done-1"].delivered
+    # Written back in today's layout at the next change, and read again as it was.
+    repo.save()
+    assert json.loads(path.read_text())["format"] == 1
+    again = CommandRepository(path, RestartJob, Nothing, legacy=legacy_state)
+    assert again.load() is None and again.commands == repo.commands
+    assert not list(tmp_path.glob("*.corrupt-*"))
+
+
+@pytest.mark.parametrize("device_restarted", [True, False])
+def test_a_device_upgraded_in_the_middle_of_a_restart_resolves_it(
+        make_gateway: GatewayFactory, thingsboard: FakeThingsBoard, rig: Rig,
+        device_restarted: bool) -> None:
+    rig.state_path.parent.mkdir(parents=True, exist_ok=True)
+    rig.state_path.write_text(json.dumps(earlier_layout(rig.boot_id.read_text().strip())))
+    if device_restarted:
+        rig.new_boot()
+    gateway = make_gateway(config=rig.config(rig.reboot_command("reboot")))
+    gateway.start()
+    status = "successful" if device_restarted else "failed"
+    expected: dict[str, Any] = {"status": status, **EXTRA}
+    if not device_restarted:
+        expected["reason"] = "The gateway restarted but the device did not (same boot id)"
+    assert rig.wait_status("old-1", status, gateway) == expected
+    assert rig.wait_status("old-0", "failed", gateway) == {
+        "status": "failed", "reason": "it broke", "n": 1}
+    wait_until(lambda: {r["restart_id"] for r in restart_reports(thingsboard)} >= {
+        "old-0", "old-1"}, "both outcomes reach ThingsBoard", gateway)
+    assert not list(rig.state_path.parent.glob("restart.json.corrupt-*"))
+    # The ids handled before the upgrade are still recognised; a new one is served.
+    rig.wait_registered(gateway)
+    rig.request("done-1")
+    rig.request("new-1")
+    assert wait_exit(gateway) == 0, gateway.log_tail()
+    assert executing_row(json.loads((rig.seen / "state.json").read_text()))["id"] == "new-1"
+    assert rig.statuses("done-1") == ["init"]
+
+
+# -- the timeout, on a fake clock ---------------------------------------------------------
+
+
+class CountingClock(FakeClock):
+    """A fake clock that counts the sleeps begun on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeps: list[float] = []
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        await super().sleep(seconds)
+
+
+@pytest.mark.parametrize(("command", "reason"), [
+    (["true"], "The device has not restarted within 5 minutes"),
+    (["sleep", "60"], "The reboot command did not finish within 5 minutes"),
+])
+def test_the_restart_timeout_runs_on_the_operations_clock(
+        rig: Rig, tmp_path: Path, command: list[str], reason: str) -> None:
+    """The reboot command returns and the device stays up (or the command hangs): failed
+    exactly when the clock passes the timeout, not a moment before."""
+    settings = Settings()
+    settings.local_mqtt = LocalMqttSettings(host=rig.local.host, port=rig.local.plain_port,
+                                            reconnect_max_s=1.0)
+    settings.restart = RestartSettings(command=command, timeout_s=300.0,
+                                       boot_id_file=str(rig.boot_id))
+    state_path = tmp_path / "inproc" / "restart.json"
+    reports: list[dict[str, Any]] = []
+    clock = CountingClock()
+    sleeps_before_timeout = 2 if command == ["true"] else 1
+
+    async def scenario() -> None:
+        def deliver(command_id: str, payload: bytes) -> None:
+            restart.on_command(command_id, payload)
+
+        bus = LocalBus(settings.local_mqtt, on_mapped=lambda _m: None,
+                       commands=[LocalCommand("restart", {}, deliver)],
+                       on_service_health=lambda _n, _s: None)
+        restart = RestartOperation(
+            settings.restart, state_path,
+            CommandChannel(lambda topic, payload: bus.publish(topic, payload, retain=True),
+                           bus.connected, Clock()), reports.append, clock)
+        running = asyncio.ensure_future(bus.run())
+        try:
+            async with asyncio.timeout(WAIT):
+                await restart.run()
+                await bus.connected.wait()
+                restart.on_command("slow", b'{"status": "init", "n": 2}')
+                while len(clock.sleeps) < sleeps_before_timeout:
+                    await asyncio.sleep(0.01)
+                await clock.advance(299.9)
+                await asyncio.sleep(0.1)
+                assert [r["restart_status"] for r in reports] == ["executing"]
+                assert restart.in_progress() == "slow"
+                await clock.advance(0.1)
+                while not all_delivered(state_path):
+                    await asyncio.sleep(0.02)
+        finally:
+            await restart.close()
+            await bus.stop()
+            await running
+
+    asyncio.run(scenario())
+    assert rig.wait_status("slow", "failed", None) == {"status": "failed", "n": 2,
+                                                        "reason": reason}
+    assert rig.statuses("slow") == ["executing", "failed"]
+    assert reports[-1] == {"restart_status": "failed", "restart_reason": reason,
+                           "restart_id": "slow"}

@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from teg_gateway import __version__
+from teg_gateway.clock import Clock
 from teg_gateway.cloud import session as topics
 from teg_gateway.cloud.forwarder import Forwarder
 from teg_gateway.cloud.limits import SessionLimits, payload_room
@@ -42,8 +43,8 @@ from teg_gateway.logs import CloudLogHandler
 from teg_gateway.mqttlink import ConnectionLost
 from teg_gateway.operations.commands import GatewayControls, register_gateway_rpc
 from teg_gateway.operations.controller_rpc import register_controller_rpc
-from teg_gateway.operations.engine import LocalCommand
-from teg_gateway.operations.files import FileManager
+from teg_gateway.operations.engine import CommandChannel, LocalCommand
+from teg_gateway.operations.files import FileArea, FileManager
 from teg_gateway.operations.logs_rpc import register_logs_rpc
 from teg_gateway.operations.ota import SHARED_KEYS as OTA_SHARED_KEYS
 from teg_gateway.operations.ota import OtaManager
@@ -134,8 +135,9 @@ class Gateway:
             self.bus_connected = self.bus.connected
         self.restart = RestartOperation(settings.restart,
                                         state_dir(settings.data_dir) / "restart.json",
-                                        self._bus_publish_retained, self.bus_connected,
-                                        self.report_telemetry)
+                                        CommandChannel(self._bus_publish_retained,
+                                                       self.bus_connected, Clock()),
+                                        self.report_telemetry, Clock())
         register_gateway_rpc(self.rpc, GatewayControls(
             stores=self.stores, rpc_settings=settings.rpc, restart=self.restart,
             bus_publish=self._bus_publish_retained, bus_connected=self.bus_connected,
@@ -149,9 +151,11 @@ class Gateway:
                               state_dir(settings.data_dir) / "ota.json")
         self.attribute_listeners.append(self.ota.on_shared)
         self.files = FileManager(
-            settings, self._publish_attributes, self.report_telemetry,
-            self._request_shared,
-            self.supervisor.restart_now if self.supervisor is not None else None)
+            settings.files, FileArea.of(settings), publish_attributes=self._publish_attributes,
+            report=self.report_telemetry, request_shared=self._request_shared,
+            restart_controller=self.supervisor.restart_now
+            if self.supervisor is not None else None,
+            max_payload_bytes=settings.outbox.max_payload_bytes, clock=Clock())
         self.attribute_listeners.append(self.files.on_shared)
         self.rpc.register("init_files", "reset the file-management client attributes "
                           "(FILE_HASHES, FILE_READ_*) and reconcile the managed files again",

@@ -8,7 +8,9 @@ is put back.
 
 Reconciliation runs on every connect (after asking for the keys it needs), on every
 attribute change (coalesced: a burst of changes gives one pass) and when a managed
-file changes on disk (found by a poll). Passes never overlap.
+file changes on disk (found by a poll). Passes never overlap. The hashes reported as
+``FILE_HASHES`` are kept in ``<data>/state/files.json``: the facts (:class:`FileFacts`)
+of a :class:`CommandRepository` without commands.
 
 Security: a path is resolved (``..`` and symlinks included) and must lie inside one of
 the allowed directories; the gateway's own files (databases, state, credentials) are
@@ -35,10 +37,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from teg_gateway.bounds import clip
-from teg_gateway.config import Settings
+from teg_gateway.clock import Clock
+from teg_gateway.config import FilesSettings, Settings
 from teg_gateway.controller.queue import QUEUE_FILE
 from teg_gateway.fsutil import atomic_write_at
-from teg_gateway.store.state import load_state, state_dir, store_state
+from teg_gateway.operations.engine import CommandRepository, Nothing, Operation, encode
+from teg_gateway.store.state import state_dir
 from teg_gateway.store.stores import ARCHIVE_FILE, OUTBOX_FILE
 
 log = logging.getLogger(__name__)
@@ -175,28 +179,47 @@ def expand_data_path(path: str, controller_data_dir: Path) -> str:
     return path
 
 
-def allowed_dirs(settings: Settings) -> list[Path]:
+@dataclass(frozen=True)
+class FileArea:
+    """Where managed files may lie, and the gateway's own files, which never may.
+
+    ``controller_data_dir`` is ``$DATA_PATH`` (and where relative paths start);
+    ``allowed_dirs`` is the setting ``files.allowed_dirs`` (empty: the controller data
+    directory only); ``data_dir`` and ``access_token_path`` are the gateway's own."""
+
+    controller_data_dir: Path
+    data_dir: Path
+    access_token_path: Path
+    allowed_dirs: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, settings: Settings) -> FileArea:
+        return cls(settings.controller_data_dir, settings.data_dir,
+                   settings.access_token_path, tuple(settings.files.allowed_dirs))
+
+
+def allowed_dirs(area: FileArea) -> list[Path]:
     """The directories managed files may be in, resolved (a relative one is taken from
     the controller data directory)."""
-    data = settings.controller_data_dir
-    configured = settings.files.allowed_dirs or [str(data)]
+    data = area.controller_data_dir
+    configured = area.allowed_dirs or (str(data),)
     return [(data / expand_data_path(item, data)).resolve() for item in configured]
 
 
-def protected_paths(settings: Settings) -> tuple[list[Path], list[Path]]:
+def protected_paths(area: FileArea) -> tuple[list[Path], list[Path]]:
     """(files, directories) of the gateway itself that are never managed, resolved,
     whatever the allowed directories say: its databases, its credentials, its state,
     the OTA downloads and the installed controller versions (code that OTA verified)."""
-    files = [settings.access_token_path]
-    for directory, name in ((settings.data_dir, OUTBOX_FILE), (settings.data_dir, ARCHIVE_FILE),
-                            (settings.controller_data_dir, QUEUE_FILE)):
+    files = [area.access_token_path]
+    for directory, name in ((area.data_dir, OUTBOX_FILE), (area.data_dir, ARCHIVE_FILE),
+                            (area.controller_data_dir, QUEUE_FILE)):
         files += [directory / (name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
-    dirs = [state_dir(settings.data_dir), settings.data_dir / "ota",
-            settings.data_dir / "controller" / "versions"]
+    dirs = [state_dir(area.data_dir), area.data_dir / "ota",
+            area.data_dir / "controller" / "versions"]
     return [p.resolve() for p in files], [d.resolve() for d in dirs]
 
 
-def resolve_path(raw: str, settings: Settings, allowed: list[Path] | None = None) -> Path:
+def resolve_path(raw: str, area: FileArea, allowed: list[Path] | None = None) -> Path:
     """The real path of a managed file; FileRefused unless it lies inside an allowed
     directory and is not one of the gateway's own files.
 
@@ -205,7 +228,7 @@ def resolve_path(raw: str, settings: Settings, allowed: list[Path] | None = None
     out of the allowed directories is refused."""
     if "\x00" in raw:
         raise FileRefused("path contains a NUL character")
-    data = settings.controller_data_dir
+    data = area.controller_data_dir
     expanded = Path(expand_data_path(raw, data))
     if not expanded.is_absolute():
         expanded = data / expanded
@@ -213,12 +236,12 @@ def resolve_path(raw: str, settings: Settings, allowed: list[Path] | None = None
         real = expanded.resolve()
     except (OSError, RuntimeError) as exc:
         raise FileRefused(f"path {clip(repr(raw))} cannot be resolved: {exc}") from None
-    allowed = allowed_dirs(settings) if allowed is None else allowed
+    allowed = allowed_dirs(area) if allowed is None else allowed
     if not any(real != d and real.is_relative_to(d) for d in allowed):
         shown = ", ".join(str(d) for d in allowed) or "(none)"
         raise FileRefused(f"path {clip(repr(raw))} resolves to {clip(real)}, which is "
                           f"outside the allowed directories ({shown}; setting files.allowed_dirs)")
-    files, dirs = protected_paths(settings)
+    files, dirs = protected_paths(area)
     if real in files or any(real.is_relative_to(d) for d in dirs):
         raise FileRefused(f"path {clip(repr(raw))} resolves to {clip(real)}, a file of the "
                           "gateway itself (its databases, credentials, state, OTA downloads "
@@ -247,10 +270,10 @@ class Located:
         return self.parts[-1]
 
 
-def locate(raw: str, settings: Settings, allowed: list[Path] | None = None) -> Located:
+def locate(raw: str, area: FileArea, allowed: list[Path] | None = None) -> Located:
     """:func:`resolve_path`, split at the (innermost) allowed directory it lies in."""
-    allowed = allowed_dirs(settings) if allowed is None else allowed
-    real = resolve_path(raw, settings, allowed)
+    allowed = allowed_dirs(area) if allowed is None else allowed
+    real = resolve_path(raw, area, allowed)
     root = max((d for d in allowed if real != d and real.is_relative_to(d)),
                key=lambda d: len(d.parts))
     return Located(root, real.relative_to(root).parts)
@@ -447,16 +470,70 @@ class _OnDisk:
     md5: str | None
 
 
-class FileManager:
-    """Keeps the managed files as ThingsBoard wants them; see the module docstring."""
+@dataclass(frozen=True)
+class FileHash:
+    """A ``FILE_HASHES`` entry: the md5 of the content last written or found as desired,
+    and the entry's ``write_version`` then."""
 
-    def __init__(self, settings: Settings, publish_attributes: PublishAttributes,
-                 report: Report, request_shared: RequestShared,
-                 restart_controller: RestartController | None) -> None:
-        self.settings = settings
-        self.max_bytes = settings.files.max_bytes
-        self.poll_interval_s = settings.files.poll_interval_s
-        self.state_path = state_dir(settings.data_dir) / "files.json"
+    hash: str
+    write_version: Any = None
+
+
+@dataclass
+class FileFacts:
+    """What ``files.json`` keeps: the hashes reported as ``FILE_HASHES``."""
+
+    hashes: dict[str, FileHash] = field(default_factory=dict)
+
+
+def legacy_state(value: dict[str, Any]) -> dict[str, Any]:
+    """``files.json`` as earlier releases wrote it (``{"hashes": {key: {"hash",
+    "write_version"}}}``) in the repository's layout. An entry without a readable hash is
+    left out: the next pass finds the file's hash again."""
+    hashes = value.get("hashes")
+    kept = {key: {"hash": entry["hash"], "write_version": entry.get("write_version")}
+            for key, entry in (hashes.items() if isinstance(hashes, dict) else ())
+            if isinstance(entry, dict) and isinstance(entry.get("hash"), str)}
+    return {"facts": {"hashes": kept}, "commands": []}
+
+
+async def _done_within(fut: asyncio.Future[Any], clock: Clock, seconds: float) -> bool:
+    """Wait for ``fut`` at most ``seconds`` on ``clock``; whether it is done (it is left
+    running otherwise)."""
+    if fut.done():
+        return True
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait({fut, timer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+    return fut.done()
+
+
+class FileManager(Operation):
+    """Keeps the managed files as ThingsBoard wants them; see the module docstring.
+
+    ``files`` is the settings section, ``area`` where files may be; ``publish_attributes``
+    sends client attributes and ``report`` telemetry (both through the outbox);
+    ``request_shared`` asks ThingsBoard for shared attributes; ``restart_controller``
+    (None: no controller is supervised) restarts the controller with a reason. The
+    coalescing of changes and the poll run on ``clock``.
+    """
+
+    name = "files"
+
+    def __init__(self, files: FilesSettings, area: FileArea, *,
+                 publish_attributes: PublishAttributes, report: Report,
+                 request_shared: RequestShared, restart_controller: RestartController | None,
+                 max_payload_bytes: int, clock: Clock) -> None:
+        self.area = area
+        self.max_bytes = files.max_bytes
+        self.poll_interval_s = files.poll_interval_s
+        self.max_payload_bytes = max_payload_bytes
+        self.clock = clock
+        self.repo: CommandRepository[Nothing, FileFacts] = CommandRepository(
+            state_dir(area.data_dir) / "files.json", Nothing, FileFacts, clock=clock,
+            legacy=legacy_state)
         self._publish = publish_attributes
         self._report = report
         self._request = request_shared
@@ -464,11 +541,11 @@ class FileManager:
         self.files: dict[str, FileSpec] | None = None  # None until FILES is known
         self.spec_errors: dict[str, str] = {}
         self.contents: dict[str, Any] = {}
-        self.hashes: dict[str, dict[str, Any]] = {}
+        self.hashes: dict[str, FileHash] = {}
         self._fresh: set[str] = set()        # contents received since the last connect
         self._requested: set[str] = set()    # content keys asked for since the last connect
         self._published_reads: dict[str, str] = {}
-        self._published_hashes: dict[str, dict[str, Any]] | None = None
+        self._published_hashes: dict[str, FileHash] | None = None
         self._reported_errors: dict[str, str] = {}
         self._on_disk: dict[str, _OnDisk] = {}
         self._retry: set[str] = set()        # failed writes, tried again at every poll
@@ -477,6 +554,10 @@ class FileManager:
         self._state_damage: str | None = None
         self._conflicts: dict[str, str] = {}  # key -> why, found by the last pass
         self._load_state()
+
+    @property
+    def state_path(self) -> Path:
+        return self.repo.path
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -541,20 +622,22 @@ class FileManager:
         if self._state_damage is not None:
             self._report({"files_error": self._state_damage})
             self._state_damage = None
-        loop = asyncio.get_running_loop()
-        next_poll = loop.time() + self.poll_interval_s
+        clock = self.clock
+        next_poll = clock.monotonic() + self.poll_interval_s
         while True:
-            woken = False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_poll - loop.time()))
-                woken = True
+            wake = asyncio.ensure_future(self._wake.wait())
+            try:
+                woken = await _done_within(wake, clock,
+                                           max(0.0, next_poll - clock.monotonic()))
+            finally:
+                wake.cancel()
             try:
                 if woken:
-                    await asyncio.sleep(COALESCE_S)
+                    await clock.sleep(COALESCE_S)
                     self._wake.clear()
                     await self.reconcile()
                     continue
-                next_poll = loop.time() + self.poll_interval_s
+                next_poll = clock.monotonic() + self.poll_interval_s
                 if await self.changed_on_disk():
                     await self.reconcile()
             except asyncio.CancelledError:
@@ -572,7 +655,7 @@ class FileManager:
             if key in self._conflicts:
                 continue
             try:
-                loc = locate(spec.path, self.settings)
+                loc = locate(spec.path, self.area)
             except FileRefused:
                 continue
             known = self._on_disk.get(key)
@@ -616,8 +699,7 @@ class FileManager:
         self._requested = set(self.files or {})
         self._ask([FILES, *(CONTENT_PREFIX + k for k in self._requested)])
         task = asyncio.ensure_future(self.reconcile())
-        done, _ = await asyncio.wait({task}, timeout=INIT_REPLY_WITHIN_S)
-        if task not in done:
+        if not await _done_within(task, self.clock, INIT_REPLY_WITHIN_S):
             return ("file-management attributes reset; the reconciliation is still running "
                     "(see FILE_HASHES)")
         result = task.result()
@@ -633,10 +715,10 @@ class FileManager:
         result = PassResult()
         if self.files is None:
             return result
-        hashes_before = {k: dict(v) for k, v in self.hashes.items()}
+        hashes_before = dict(self.hashes)
         for key, error in self.spec_errors.items():
             self._error(key, error, result)
-        allowed = allowed_dirs(self.settings)
+        allowed = allowed_dirs(self.area)
         self._conflicts = self._find_conflicts(allowed)
         for key, text in self._conflicts.items():
             self._error(key, text, result)
@@ -676,7 +758,7 @@ class FileManager:
         by_path: dict[Path, list[str]] = {}
         for key, spec in (self.files or {}).items():
             try:
-                by_path.setdefault(locate(spec.path, self.settings, allowed).path,
+                by_path.setdefault(locate(spec.path, self.area, allowed).path,
                                    []).append(key)
             except FileRefused:
                 continue  # reported by the pass
@@ -692,7 +774,7 @@ class FileManager:
     async def _reconcile_one(self, key: str, spec: FileSpec, allowed: list[Path],
                              result: PassResult) -> bool:
         """Bring one file to its desired content; True when it was written."""
-        loc = locate(spec.path, self.settings, allowed)
+        loc = locate(spec.path, self.area, allowed)
         path = loc.path
         desired: bytes | None = None
         refused: FileRefused | None = None
@@ -730,8 +812,7 @@ class FileManager:
         else:
             self._retry.discard(key)
         if desired is not None and current.data == desired:
-            entry = {"hash": md5_hex(desired), "write_version": spec.write_version}
-            self.hashes[key] = entry
+            self.hashes[key] = FileHash(md5_hex(desired), spec.write_version)
         if refused is not None:
             raise refused
         if desired is None:
@@ -758,7 +839,7 @@ class FileManager:
         self._on_disk[spec.key] = _OnDisk(current.signature, md5)
         attribute = READ_PREFIX + spec.key
         text = json.dumps({attribute: value}, separators=(",", ":"), ensure_ascii=False)
-        limit = self.settings.outbox.max_payload_bytes - ATTRIBUTE_OVERHEAD
+        limit = self.max_payload_bytes - ATTRIBUTE_OVERHEAD
         if len(text.encode()) > limit:
             value = TOO_LARGE
             text = json.dumps({attribute: value})
@@ -770,8 +851,8 @@ class FileManager:
     def _publish_hashes(self) -> None:
         if self._published_hashes == self.hashes:
             return
-        self._published_hashes = {k: dict(v) for k, v in self.hashes.items()}
-        self._publish({HASHES: self._published_hashes})
+        self._published_hashes = dict(self.hashes)
+        self._publish({HASHES: encode(self._published_hashes)})
 
     async def _restart_controller(self, keys: list[str]) -> bool:
         reason = "managed file(s) changed: " + ", ".join(sorted(keys))
@@ -802,18 +883,20 @@ class FileManager:
     # -- durable state ------------------------------------------------------------------
 
     def _load_state(self) -> None:
-        loaded = load_state(self.state_path)
-        if loaded.damage is not None:
-            # Reported when the loop starts (telemetry is not open yet); the hashes are
-            # rebuilt by the next pass, which writes every file from ThingsBoard's content.
+        try:
+            self.repo.load()
+        except OSError as exc:
+            log.error("files: could not save %s: %s", self.state_path, exc)
+        damage = self.repo.damage
+        if damage is not None:
+            # Reported when the loop starts (telemetry is not open yet). What could still
+            # be read is kept; the next pass finds every other hash again.
             self._state_damage = clip(f"the file-management state was damaged: "
-                                      f"{loaded.damage}", 1000)
-        hashes = loaded.value.get("hashes")
-        if isinstance(hashes, dict):
-            self.hashes = {k: v for k, v in hashes.items() if isinstance(v, dict)}
+                                      f"{damage.text}", 1000)
+        self.hashes = dict(self.repo.facts.hashes)
 
     def _save_state(self) -> None:
         try:
-            store_state(self.state_path, {"hashes": self.hashes})
+            self.repo.set_facts(FileFacts(dict(self.hashes)))
         except OSError as exc:
             log.error("files: could not save %s: %s", self.state_path, exc)
