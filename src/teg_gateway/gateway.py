@@ -49,6 +49,7 @@ from teg_gateway.operations.ota import SHARED_KEYS as OTA_SHARED_KEYS
 from teg_gateway.operations.ota import OtaManager
 from teg_gateway.operations.restart import RestartOperation
 from teg_gateway.operations.rpc import RpcDispatcher
+from teg_gateway.operations.update import Updates
 from teg_gateway.store.db import is_corruption, is_disk_full
 from teg_gateway.store.outbox import TELEMETRY, TOPIC_TELEMETRY, now_ms
 from teg_gateway.store.state import cloud_state, state_dir
@@ -144,9 +145,9 @@ class Gateway:
         register_controller_rpc(self.rpc, self.supervisor)
         register_logs_rpc(self.rpc, settings.log_file,
                           settings.controller_logs_dir / CONTROLLER_LOG_FILE)
-        self.ota = OtaManager(settings, self.supervisor, self._cloud_publish,
-                              self.report_telemetry,
-                              state_dir(settings.data_dir) / "ota.json")
+        self.updates = Updates(settings, self.supervisor, self.report_telemetry,
+                               state_dir(settings.data_dir) / "ota.json")
+        self.ota = OtaManager(settings, self.updates, self._cloud_publish)
         self.attribute_listeners.append(self.ota.on_shared)
         self.files = FileManager(
             settings, self._publish_attributes, self.report_telemetry,
@@ -294,6 +295,7 @@ class Gateway:
             except TimeoutError:
                 log.error("shutdown: the controller did not stop in time")
         await self.restart.close()
+        await self.ota.close()
         if self.bus is not None:
             await self.bus.stop()
         await self.intake.stop()
