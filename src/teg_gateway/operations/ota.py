@@ -76,7 +76,7 @@ class OtaManager(Operation):
         self._reconnected = asyncio.Event()
         self._pending: tuple[str, int, asyncio.Future[bytes]] | None = None
         updates.fetchers[Kind.PACKAGE] = self._download
-        updates.on_finished.append(lambda _cmd: self._wake.set())
+        updates.on_free.append(self._wake.set)
 
     # -- registration ---------------------------------------------------------------------
 

@@ -258,6 +258,9 @@ class Updates:
         self.fetchers: dict[Kind, Fetch] = {Kind.URL: self._download_url}
         #: called with every update that ended (after it was saved and reported)
         self.on_finished: list[Callable[[Command[UpdateJob]], None]] = []
+        #: called whenever the lane becomes free
+        self.on_free: list[Callable[[], None]] = []
+        self._resumed = False
         self._waiters: dict[str, list[asyncio.Future[Command[UpdateJob]]]] = {}
         self.loaded = False
 
@@ -297,15 +300,31 @@ class Updates:
     def describe(self, holder: str | None) -> str:
         """An update in progress, as a reason can name it."""
         cmd = self.repo.get(holder) if holder else None
+        local = holder is not None and holder.startswith("te-")
+        source = f"software_update {holder[3:]} on the local bus" if holder and local \
+            else "from ThingsBoard"
         if cmd is None or cmd.final:
-            return f"the update {holder}" if holder else "another update"
-        source = "from ThingsBoard" if cmd.origin == THINGSBOARD else \
-            f"by the local command {cmd.id.removeprefix('te-')}"
+            return f"the {source}" if local else f"the update {holder}"
         return f"the update to version {cmd.payload.version} ({source})"
 
+    def release(self, holder: str) -> None:
+        """``holder`` is done with the lane: tell who waits for it."""
+        if self.lane.holder != holder:
+            return
+        self.lane.release(holder)
+        for callback in self.on_free:
+            try:
+                callback()
+            except Exception:
+                log.exception("a lane listener failed")
+
     def resume(self) -> None:
-        """Carry on with every update that was under way when the gateway stopped."""
+        """Carry on with every update that was under way when the gateway stopped
+        (once; later calls do nothing)."""
         self.load()
+        if self._resumed:
+            return
+        self._resumed = True
         for cmd in self.repo.active():
             if self.lane.take(cmd.id):
                 self._spawn(cmd)
@@ -648,7 +667,7 @@ class Updates:
                 desired.same_release(cmd.payload):
             facts.desired_done = True
         self.repo.resolve(cmd, status, reason)  # saves the facts too
-        self.lane.release(cmd.id)
+        self.release(cmd.id)
 
     def _delivered(self, cmd: Command[UpdateJob]) -> None:
         """The outcome went to ThingsBoard (through the outbox): tell who waits."""
