@@ -8,6 +8,7 @@ Every wait is bounded; nothing asserts on wall-clock time.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 from collections.abc import Iterator
@@ -17,6 +18,16 @@ from typing import Any
 import pytest
 
 from conftest import GatewayFactory, merge_config, needs_mosquitto
+from teg_gateway.config import load_settings
+from teg_gateway.operations.engine import (
+    CommandChannel,
+    CommandRepository,
+    Nothing,
+    PayloadError,
+    Status,
+)
+from teg_gateway.operations.software import SoftwareOperation, parse_update_list
+from teg_gateway.operations.update import Kind, UpdateFacts, UpdateJob, Updates
 from teg_gateway.sandbox.broker import Mosquitto
 from teg_gateway.sandbox.certs import Pki
 from teg_gateway.sandbox.process import GatewayProcess
@@ -256,3 +267,102 @@ def test_an_update_under_way_resumes_after_a_gateway_kill(
         thingsboard.wait_for(lambda: records_of(thingsboard, "2.0") == list(range(RECORDS)),
                              timeout=20, message="the records of version 2.0")
         assert gateway.stop() == 0
+
+
+# -- in-process: requests refused, damaged state files ---------------------------------------
+
+
+def test_update_lists_that_are_refused_say_why() -> None:
+    ok = parse_update_list(update_request(module("2.0", "https://h/p"),
+                                          module("1.0", action="remove")))
+    assert [(m.version, m.action) for m in ok] == [("2.0", "install"), ("1.0", "remove")]
+    refused: list[tuple[dict[str, Any], str]] = [
+            ({"status": "init"}, "updateList must be a non-empty list"),
+            ({"updateList": [{"type": "apt", "modules": []}]}, "not managed here"),
+            (update_request({"name": "x", "action": "install"}), "version"),
+            (update_request(module("../1")), "version"),
+            (update_request(module("2.0", action="purge")), "is not install or remove"),
+            (update_request(module("2.0"), module("3.0")), "one teg-controller version"),
+            (update_request(module("2.0", "https://h/" + "p" * 5000)), "too long"),
+            (update_request(*[module(f"{n}.0", action="remove") for n in range(30)]),
+             "more than 20")]
+    for request, says in refused:
+        with pytest.raises(PayloadError, match=says):
+            parse_update_list(request)
+
+
+class Recorder:
+    """A local bus that acknowledges every publish and keeps what was published."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+        self.connected = asyncio.Event()
+        self.connected.set()
+
+    def publish(self, topic: str, payload: bytes) -> asyncio.Future[None]:
+        self.sent.append((topic, json.loads(payload) if payload else None))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+
+def _operation(data: Path, reported: list[dict[str, Any]],
+               bus: Recorder) -> SoftwareOperation:
+    settings = load_settings(env={"TEG_DATA_PATH": str(data)})
+    updates = Updates(settings, None, reported.append, data / "state" / "ota.json")
+    return SoftwareOperation(updates, data / "state" / "software.json",
+                             CommandChannel(bus.publish, bus.connected))
+
+
+@pytest.mark.parametrize("damaged", ["software.json", "ota.json", "software.json-lost"])
+def test_a_damaged_state_file_ends_the_update_it_held_failed(tmp_path: Path,
+                                                             damaged: str) -> None:
+    asyncio.run(_damaged_state(tmp_path, damaged))
+
+
+async def _damaged_state(data: Path, damaged: str) -> None:
+    lost = damaged.endswith("-lost")
+    damaged = damaged.removesuffix("-lost")
+    state = data / "state"
+    state.mkdir()
+    # A software_update under way (its update job too) when the gateway stopped.
+    request = update_request(module("2.0", "http://127.0.0.1:1/p"), requester="me")
+    software = CommandRepository(state / "software.json", Nothing, Nothing)
+    software.load()
+    software.create("software_update/u1",
+                    Nothing(), extra={k: v for k, v in request.items() if k != "status"})
+    jobs = CommandRepository(state / "ota.json", UpdateJob, UpdateFacts)
+    jobs.load()
+    jobs.create("te-u1", UpdateJob("2.0", "ctl", Kind.URL, url="http://127.0.0.1:1/p"),
+                origin="local")
+    target = state / damaged
+    raw = target.read_bytes()
+    # Garbage in the middle: the file does not parse, but each command line still reads
+    # (or, "lost", nothing of it is left).
+    target.write_bytes(b"\x00garbage" if lost else
+                       raw.replace(b'"commands": [', b'"commands": \x00['))
+    reported: list[dict[str, Any]] = []
+    bus = Recorder()
+    operation = _operation(data, reported, bus)
+    await operation.run()
+    if lost:
+        # Its last state comes back from the broker (retained) at connect: ended.
+        operation.on_update("u1", json.dumps({**request, "status": "executing"}).encode())
+    for _ in range(50):
+        if any(d and d.get("status") == "failed" for _t, d in bus.sent):
+            break
+        await asyncio.sleep(0.02)
+    await operation.close()
+    assert len(list(state.glob(f"{damaged}.corrupt-*"))) == 1
+    topic, outcome = bus.sent[-1]
+    assert topic == f"{UPDATE}/u1" and outcome["status"] == "failed", bus.sent
+    assert "damaged" in outcome["reason"] and damaged in outcome["reason"], outcome
+    assert outcome["requester"] == "me"
+    if damaged == "ota.json":
+        # ThingsBoard hears of it too.
+        assert reported[0]["sw_state"] == "FAILED"
+        assert "OTA state was damaged" in reported[0]["sw_error"]
+    # Both files are whole again and the command is resolved for good.
+    again = CommandRepository(state / "software.json", Nothing, Nothing)
+    assert again.load() is None
+    assert [c.status for c in again.commands.values()] == [Status.FAILED]

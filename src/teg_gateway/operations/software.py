@@ -62,6 +62,7 @@ INSTALL = "install"
 REMOVE = "remove"
 #: More modules than this in one request are refused.
 MAX_MODULES = 20
+MAX_URL_CHARS = 4096
 #: Prefix of the update jobs (in ota.json) started by a local software_update.
 JOB_PREFIX = "te-"
 
@@ -98,6 +99,9 @@ def parse_update_list(request: dict[str, Any]) -> list[Module]:
             if module.action not in (INSTALL, REMOVE):
                 raise PayloadError(f"action {clip(repr(module.action), 50)} is not "
                                    f"{INSTALL} or {REMOVE}")
+            if len(module.url) > MAX_URL_CHARS or len(module.name) > 200:
+                raise PayloadError(f"module {clip(repr(module.name), 100)}: its name or url "
+                                   "is too long")
             try:
                 check_version(module.version)
             except ValueError as exc:
@@ -180,7 +184,19 @@ class SoftwareOperation(Operation):
                 self.repo.save()
             return
         request = parse_request(payload)
-        if request is None or request.get("status") != Status.INIT.value:
+        if request is None:
+            return
+        status = request.get("status")
+        if status == Status.EXECUTING.value and old is None and self.repo.damage is not None:
+            # A command under way whose state was lost with the damaged file (its last
+            # state comes back retained from the broker): it ends failed, with the reason.
+            extra = {k: v for k, v in request.items() if k not in ("status", "reason")}
+            cmd = self.repo.create(key, Nothing(), extra=extra)
+            self.repo.resolve(cmd, Status.FAILED, "the gateway's state for this command was "
+                              f"damaged: {self.repo.damage.text}")
+            self.runner.spawn(self._send(cmd))
+            return
+        if status != Status.INIT.value:
             return  # our own states coming back, or another agent's
         if old is not None:
             if old.final:  # the outcome did not replace the request: say it again
@@ -273,10 +289,17 @@ class SoftwareOperation(Operation):
     async def _apply(self, cmd: Command[Nothing], job_id: str, modules: list[Module]) -> None:
         updates = self.updates
         supervisor = updates.supervisor
-        if supervisor is None:
-            raise OtaError("no controller is supervised ([controller] runtime is none)")
         job = updates.repo.get(job_id)
+        if job is not None and (cmd.id not in self._resumed or
+                                job.created_ms < cmd.created_ms):
+            job = None  # an earlier command with the same id (cleared, then sent again)
+        if job is None and cmd.id in self._resumed and updates.repo.damage is not None and \
+                any(m.action == INSTALL for m in modules):
+            raise OtaError("the OTA state was damaged and this update was lost with it: "
+                           f"{updates.repo.damage.text}")
         if job is None:
+            if supervisor is None:
+                raise OtaError("no controller is supervised ([controller] runtime is none)")
             for module in modules:
                 if module.action == REMOVE:
                     await self._remove(module.version)
@@ -284,10 +307,7 @@ class SoftwareOperation(Operation):
             if not installs:
                 return
             module = installs[0]
-            if cmd.id in self._resumed and updates.repo.damage is not None:
-                raise OtaError("the OTA state was damaged and this update was lost with it: "
-                               f"{updates.repo.damage.text}")
-            version, title = module.version, module.name or SOFTWARE_TYPE
+            version, title = module.version, clip(module.name or SOFTWARE_TYPE, 200)
             if supervisor.version == version:
                 log.info("software_update: version %s already runs", version)
                 updates.report_updated(title, version)
