@@ -160,6 +160,8 @@ def test_install_list_and_remove_over_the_local_bus(
         assert statuses(bus, f"{UPDATE}/install-1") == ["init", "executing", "successful"]
         assert running_version(data_dir) == "2.0"
         # ThingsBoard saw the update, and every record of the new version.
+        thingsboard.wait_for(lambda: "UPDATED" in states(thingsboard), timeout=20,
+                             message=f"ThingsBoard hears of the update: {states(thingsboard)}")
         assert states(thingsboard)[-5:] == ["DOWNLOADING", "DOWNLOADED", "VERIFIED",
                                             "UPDATING", "UPDATED"], states(thingsboard)
         assert thingsboard.telemetry_values("current_sw_version")[-1] == "2.0"
@@ -225,15 +227,26 @@ def test_a_crashing_version_is_rolled_back_and_a_second_update_waits_or_is_refus
         assert second["status"] == "failed", second
         assert "in progress" in second["reason"] and "crash" in second["reason"], second
         # A ThingsBoard announcement meanwhile is desired state: it waits.
+        thingsboard.chunk_delay_s = 0.3
         thingsboard.assign_package("sw", "ctl", "5.0", package("healthy"))
         outcome = final(bus, f"{UPDATE}/crash", gateway)
         assert outcome["status"] == "failed", outcome
         assert "crashed" in outcome["reason"], outcome
         assert "rolled back to version 1.0" in outcome["reason"], outcome
         assert [s["version"] for s in starts(data_dir)].count("3.0") >= 3
-        assert any("rolled back to version 1.0" in str(e)
-                   for e in thingsboard.telemetry_values("sw_error"))
-        # ... and is applied after the local update ended.
+        thingsboard.wait_for(lambda: any("rolled back to version 1.0" in str(e)
+                                         for e in thingsboard.telemetry_values("sw_error")),
+                             timeout=20, message="ThingsBoard hears of the rollback")
+        # ... and is applied after the local update ended; a local update meanwhile is
+        # refused, naming it.
+        thingsboard.wait_for(lambda: thingsboard.chunk_requests > 0, timeout=20,
+                             message=f"5.0 applied after: {states(thingsboard)}")
+        bus.publish(f"{UPDATE}/third", update_request(module("1.0", action="remove")),
+                    retain=True)
+        third = final(bus, f"{UPDATE}/third", gateway)
+        assert third["status"] == "failed", third
+        assert "version 5.0 (from ThingsBoard)" in third["reason"], third
+        assert (data_dir / "controller" / "versions" / "1.0").is_dir()
         thingsboard.wait_for(lambda: running_version(data_dir) == "5.0", timeout=40,
                              message=f"5.0 applied after: {states(thingsboard)}")
         thingsboard.wait_for(lambda: states(thingsboard)[-1] == "UPDATED", timeout=20,
