@@ -24,6 +24,7 @@ from teg_gateway.sandbox.thingsboard import FakeThingsBoard
 from test_ota import (
     PackageServer,
     controller_files,
+    ota_state,
     running_version,
     start_gateway,
     states,
@@ -51,7 +52,7 @@ def test_a_truncated_package_fails_once_and_the_running_version_stays(
     # Resolved for good: no step retried in the background.
     thingsboard.rpc("ping")
     assert "OTA step failed unexpectedly" not in gateway.log_text()
-    assert json.loads((data_dir / "state" / "ota.json").read_text())["phase"] == "failed"
+    assert ota_state(data_dir)["phase"] == "failed"
     assert not (data_dir / "controller" / "versions" / "2.0").exists()
     assert gateway.stop() == 0
 

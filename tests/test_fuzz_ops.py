@@ -30,8 +30,10 @@ from teg_gateway.gateway import Gateway
 from teg_gateway.local import topics
 from teg_gateway.operations.engine import CommandChannel
 from teg_gateway.operations.files import FileArea, FileManager
-from teg_gateway.operations.ota import OtaError, OtaManager, unpack_package
+from teg_gateway.operations.ota import OtaManager
+from teg_gateway.operations.packages import OtaError, unpack_package
 from teg_gateway.operations.restart import RestartOperation
+from teg_gateway.operations.update import Updates
 
 FUZZ = settings(max_examples=60, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -201,8 +203,9 @@ def test_ota_attributes_never_escape_and_stay_bounded(
         fut.set_result(None)
         return fut
 
-    manager = OtaManager(make_settings(data), None, publish, reported.append,
-                         data / "state" / "ota.json")
+    found = make_settings(data)
+    manager = OtaManager(found, Updates(found, None, reported.append,
+                                        data / "state" / "ota.json"), publish)
     sw_values = st.fixed_dictionaries({}, optional={
         "sw_title": json_values, "sw_version": st.sampled_from(["2.0", "x" * 500, "../1"])
         | json_values, "sw_url": st.sampled_from(["https://h/p", "http://h/p", "ftp://x",

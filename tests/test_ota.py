@@ -27,7 +27,7 @@ import mmh3
 import pytest
 
 from conftest import GatewayFactory, needs_mosquitto
-from teg_gateway.operations.ota import (
+from teg_gateway.operations.packages import (
     OtaError,
     checksum_forms,
     file_checksum_matches,
@@ -116,9 +116,17 @@ def states(tb: FakeThingsBoard) -> list[str]:
 
 
 def ota_state(data_dir: Path) -> dict[str, Any]:
+    """``ota.json`` seen as a whole: its facts, and ``phase``: the step of the update under
+    way, else the outcome of the last one ("updated" or "failed")."""
     value = json.loads((data_dir / "state" / "ota.json").read_text())
-    assert isinstance(value, dict)
-    return value
+    assert isinstance(value, dict) and value["format"] == 1
+    commands = value["commands"]
+    phase = "idle"
+    if commands:
+        last = commands[-1]
+        phase = {"successful": "updated", "failed": "failed"}.get(
+            last["status"], last["payload"]["step"])
+    return {**value["facts"], "phase": phase}
 
 
 def running_version(data_dir: Path) -> str | None:
@@ -590,7 +598,7 @@ def _tar_with(*members: tuple[str, bytes | str | int]) -> bytes:
 @pytest.mark.parametrize("use_filter", [True, False])
 def test_tar_checks_hold_with_and_without_the_tarfile_filter(tmp_path: Path,
                                                              use_filter: bool) -> None:
-    from teg_gateway.operations.ota import HAS_TAR_FILTER, _unpack_tar
+    from teg_gateway.operations.packages import HAS_TAR_FILTER, _unpack_tar
     if use_filter and not HAS_TAR_FILTER:
         pytest.skip("this Python's tarfile has no extraction filter")
     refused = {
@@ -615,3 +623,44 @@ def test_tar_checks_hold_with_and_without_the_tarfile_filter(tmp_path: Path,
     _unpack_tar(package, dest, 10**6, use_filter=use_filter)
     assert (dest / "tool").read_bytes() == b"#!/bin/sh\n"
     assert (dest / "bin" / "tool").stat().st_mode & 0o7000 == 0  # no set-uid from a package
+
+
+def test_an_ota_state_of_an_earlier_release_is_read_and_the_update_resumes(
+        tmp_path: Path) -> None:
+    from teg_gateway.config import load_settings
+    from teg_gateway.operations.engine import Status
+    from teg_gateway.operations.update import Kind, Step, Updates
+
+    settings = load_settings(env={"TEG_DATA_PATH": str(tmp_path)})
+    path = tmp_path / "state" / "ota.json"
+    path.parent.mkdir()
+    desired = {"title": "ctl", "version": "2.0", "kind": "package", "checksum": "ab",
+               "algorithm": "SHA256", "size": 10}
+    path.write_text(json.dumps({
+        "phase": "switching", "desired": desired, "package_info": desired,
+        "current": {"title": "ctl", "version": "1.0"}, "failed_version": None,
+        "request_counter": 4,
+        "job": {**desired, "request_id": "4", "resumes": 0, "restarted": True,
+                "previous": "1.0"}}))
+    reported: list[dict[str, Any]] = []
+    updates = Updates(settings, None, reported.append, path)
+    assert updates.load() is None and reported == []
+    facts = updates.facts
+    assert facts.desired is not None and facts.desired.version == "2.0"
+    assert facts.desired.kind is Kind.PACKAGE and not facts.desired_done
+    assert (facts.current_version, facts.request_counter) == ("1.0", 4)
+    active = updates.active()
+    assert active is not None and active.status is Status.EXECUTING
+    assert active.payload.step is Step.SWITCHING and active.payload.previous == "1.0"
+    assert active.payload.restarted and active.payload.request_id == "4"
+    # Written back in the new layout at the next change.
+    updates.save_facts()
+    assert json.loads(path.read_text())["format"] == 1
+    # A finished update of an earlier release: nothing under way, the version done.
+    path.write_text(json.dumps({"phase": "failed", "desired": desired, "job": None,
+                                "failed_version": "2.0",
+                                "current": {"title": "ctl", "version": "1.0"}}))
+    again = Updates(settings, None, reported.append, path)
+    again.load()
+    assert again.active() is None and again.facts.desired_done
+    assert again.facts.failed_version == "2.0"

@@ -50,6 +50,8 @@ from teg_gateway.operations.ota import SHARED_KEYS as OTA_SHARED_KEYS
 from teg_gateway.operations.ota import OtaManager
 from teg_gateway.operations.restart import RestartOperation
 from teg_gateway.operations.rpc import RpcDispatcher
+from teg_gateway.operations.software import SoftwareOperation
+from teg_gateway.operations.update import Updates
 from teg_gateway.store.db import is_corruption, is_disk_full
 from teg_gateway.store.outbox import TELEMETRY, TOPIC_TELEMETRY, now_ms
 from teg_gateway.store.state import cloud_state, state_dir
@@ -126,13 +128,20 @@ class Gateway:
                 request_sw_version=self._request_sw_version,
                 ask_health=self._ask_controller_health)
             self.controller_started_ms = self.supervisor.started_at_ms
+        self.updates = Updates(settings, self.supervisor, self.report_telemetry,
+                               state_dir(settings.data_dir) / "ota.json")
+        self.ota = OtaManager(settings, self.updates, self._cloud_publish)
+        self.software = SoftwareOperation(self.updates,
+                                          state_dir(settings.data_dir) / "software.json")
         self.bus_connected = asyncio.Event()
         self.bus: LocalBus | None = None
         if settings.local_mqtt.enabled:
             self.bus = LocalBus(settings.local_mqtt, self._on_local_mapped,
-                                [LocalCommand("restart", {}, self._on_restart_command)],
+                                [LocalCommand("restart", {}, self._on_restart_command),
+                                 *self.software.local_commands()],
                                 self._on_service_health)
             self.bus_connected = self.bus.connected
+        self.software.channel = CommandChannel(self._bus_publish_retained, self.bus_connected)
         self.restart = RestartOperation(settings.restart,
                                         state_dir(settings.data_dir) / "restart.json",
                                         CommandChannel(self._bus_publish_retained,
@@ -146,9 +155,6 @@ class Gateway:
         register_controller_rpc(self.rpc, self.supervisor)
         register_logs_rpc(self.rpc, settings.log_file,
                           settings.controller_logs_dir / CONTROLLER_LOG_FILE)
-        self.ota = OtaManager(settings, self.supervisor, self._cloud_publish,
-                              self.report_telemetry,
-                              state_dir(settings.data_dir) / "ota.json")
         self.attribute_listeners.append(self.ota.on_shared)
         self.files = FileManager(
             settings.files, FileArea.of(settings), publish_attributes=self._publish_attributes,
@@ -192,6 +198,7 @@ class Gateway:
             if self.bus is not None:
                 self._start(self.bus.run())
             self._start(self.ota.run())
+            self._start(self.software.run())
             self._start(self.files.run())
             await self.restart.resume()
             provisioning = asyncio.ensure_future(ensure_credentials(settings))
@@ -298,6 +305,8 @@ class Gateway:
             except TimeoutError:
                 log.error("shutdown: the controller did not stop in time")
         await self.restart.close()
+        await self.ota.close()
+        await self.software.close()
         if self.bus is not None:
             await self.bus.stop()
         await self.intake.stop()

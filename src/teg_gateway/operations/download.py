@@ -2,7 +2,9 @@
 
 Streamed to the ``.part`` file the chunked download uses, resumed with an HTTP range
 request after a broken connection or a gateway restart, TLS verified against the
-system's CAs (plus ``[ota] url_ca_cert``); plain http only with ``[ota] allow_http``.
+system's CAs (plus ``[ota] url_ca_cert``); plain http only with ``[ota] allow_http``, or
+(for the local bus, where thin-edge.io's file-transfer service lives) to a loopback
+address.
 A refusal by the server (4xx) fails the update; anything else (no network, 5xx, a cut
 connection) is tried again with backoff for as long as the version is wanted.
 """
@@ -10,6 +12,7 @@ connection) is tried again with backoff for as long as the version is wanted.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import ssl
@@ -43,15 +46,31 @@ class _Superseded(Exception):
     """Another version became wanted during the download."""
 
 
-def check_url(url: str, allow_http: bool) -> None:
-    """DownloadError unless ``url`` is https (or http when allowed) with a host."""
+def is_loopback(host: str | None) -> bool:
+    """``host`` is a loopback address written as such (127.0.0.0/8, ::1); a name is not
+    (it could resolve to anything)."""
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str, allow_http: bool, loopback_http: bool = False,
+              what: str = "sw_url") -> None:
+    """DownloadError unless ``url`` is https (or http when allowed, or with
+    ``loopback_http`` http to a loopback address) with a host."""
     parts = urlsplit(url)
+    if loopback_http and not allow_http and parts.scheme == "http" and parts.hostname:
+        if is_loopback(parts.hostname):
+            return
+        raise DownloadError(f"{what} {clip(repr(url))}: plain http is allowed only to a "
+                            "loopback address (127.0.0.0/8, ::1); use https")
     schemes = ("https", "http") if allow_http else ("https",)
     if parts.scheme not in schemes or not parts.hostname:
         allowed = " or ".join(schemes)
         hint = "" if allow_http or parts.scheme != "http" else \
             " (plain http needs [ota] allow_http = true)"
-        raise DownloadError(f"sw_url {clip(repr(url))} is not an {allowed} URL{hint}")
+        raise DownloadError(f"{what} {clip(repr(url))} is not an {allowed} URL{hint}")
 
 
 #: Redirects followed for one request; each hop obeys the rules of the first URL.
@@ -66,8 +85,9 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
     # urllib's own loop limits stay above ours, so the clearer message is ours.
     max_repeats = max_redirections = MAX_REDIRECTS + 1
 
-    def __init__(self, allow_http: bool) -> None:
+    def __init__(self, allow_http: bool, loopback_http: bool = False) -> None:
         self.allow_http = allow_http
+        self.loopback_http = loopback_http
 
     def redirect_request(  # noqa: PLR0917 (the signature urllib calls)
             self, req: urllib.request.Request, fp: Any, code: int, msg: str,
@@ -77,16 +97,17 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
             raise DownloadError(f"sw_url redirected more than {MAX_REDIRECTS} times "
                                 f"(last to {clip(newurl)})")
         try:
-            check_url(newurl, self.allow_http)
+            check_url(newurl, self.allow_http, self.loopback_http)
         except DownloadError as exc:
             raise DownloadError(f"sw_url {clip(req.full_url)} redirected: {exc}") from None
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def opener(context: ssl.SSLContext, allow_http: bool) -> urllib.request.OpenerDirector:
+def opener(context: ssl.SSLContext, allow_http: bool,
+           loopback_http: bool = False) -> urllib.request.OpenerDirector:
     """The URL opener of a download: TLS with ``context``, checked redirects."""
     return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context),
-                                       _CheckedRedirects(allow_http))
+                                       _CheckedRedirects(allow_http, loopback_http))
 
 
 def tls_context(extra_ca: str) -> ssl.SSLContext:
@@ -109,6 +130,8 @@ class UrlDownload:
     timeout_s: float
     superseded: Callable[[], bool]
     allow_http: bool = False
+    #: plain http to a loopback address (the local bus's file-transfer service)
+    loopback_http: bool = False
     backoff: Backoff = field(default_factory=lambda: Backoff(1.0, 60.0))
 
     async def run(self) -> bool:
@@ -140,7 +163,8 @@ class UrlDownload:
             request.add_header("Range", f"bytes={have}-")
         try:
             response: HTTPResponse = await asyncio.to_thread(
-                opener(self.context, self.allow_http).open, request, timeout=self.timeout_s)
+                opener(self.context, self.allow_http, self.loopback_http).open, request,
+                timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and have and self.size is None:
                 return True  # asked past the end: the file was complete
