@@ -28,17 +28,10 @@ from teg_gateway.controller.docker_runtime import (
     image_name,
     parse_docker_time,
 )
-from teg_gateway.controller.runtime import (
-    ControllerStartError,
-    ProcessRuntime,
-    RotatingLog,
-    check_version,
-    describe_exit,
-    export_version,
-    make_runtime,
-    stop_on_shutdown,
-    version_dir,
-)
+from teg_gateway.controller.factory import make_runtime
+from teg_gateway.controller.process_runtime import ProcessRuntime, RotatingLog
+from teg_gateway.controller.runtime import ControllerStartError, describe_exit, stop_on_shutdown
+from teg_gateway.controller.versions import check_version, export_version, version_dir
 from teg_gateway.store.state import StateFile
 
 

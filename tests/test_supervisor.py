@@ -21,14 +21,11 @@ import pytest
 from conftest import alive
 from teg_gateway.config import Settings
 from teg_gateway.controller.docker_runtime import DockerRuntime
+from teg_gateway.controller.process_runtime import ProcessRuntime
 from teg_gateway.controller.queue import QUEUE_FILE, last_health_check_ms, open_queue
-from teg_gateway.controller.runtime import (
-    ControllerError,
-    ControllerRuntime,
-    ProcessRuntime,
-    version_dir,
-)
+from teg_gateway.controller.runtime import ControllerError, ControllerRuntime
 from teg_gateway.controller.supervisor import Supervisor, controller_state_file
+from teg_gateway.controller.versions import version_dir
 from teg_gateway.operations.controller_rpc import register_controller_rpc
 from teg_gateway.operations.rpc import RpcDispatcher
 

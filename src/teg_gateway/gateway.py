@@ -30,10 +30,10 @@ from teg_gateway.cloud.limits import SessionLimits, payload_room
 from teg_gateway.cloud.provision import device_name, ensure_credentials
 from teg_gateway.cloud.session import CloudSession
 from teg_gateway.config import Settings, level_number
+from teg_gateway.controller.factory import make_runtime
 from teg_gateway.controller.intake import IntakeConfig, IntakePump, IntakeResult
 from teg_gateway.controller.queue import QUEUE_FILE
 from teg_gateway.controller.runtime import LOG_FILE_NAME as CONTROLLER_LOG_FILE
-from teg_gateway.controller.runtime import make_runtime
 from teg_gateway.controller.supervisor import Supervisor, controller_state_file
 from teg_gateway.datadir import prepare_data_dir
 from teg_gateway.local.bus import SERVICE_NAME, LocalBus

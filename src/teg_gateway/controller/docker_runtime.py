@@ -26,12 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from teg_gateway.config import Settings
-from teg_gateway.controller.runtime import (
-    ControllerStartError,
-    ControllerUnavailable,
-    check_version,
-    export_version,
-)
+from teg_gateway.controller.runtime import ControllerStartError, ControllerUnavailable
+from teg_gateway.controller.versions import check_version, export_version
 
 log = logging.getLogger(__name__)
 

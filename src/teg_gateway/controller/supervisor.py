@@ -37,10 +37,10 @@ from teg_gateway.controller.runtime import (
     ControllerRuntime,
     ControllerStartError,
     ControllerUnavailable,
-    check_version,
     describe_exit,
     stop_on_shutdown,
 )
+from teg_gateway.controller.versions import check_version
 from teg_gateway.store.state import StateFile, state_dir
 
 log = logging.getLogger(__name__)
