@@ -24,11 +24,12 @@ from types import FrameType
 from typing import Any
 
 from teg_gateway import __version__
-from teg_gateway.cloud import session as topics
+from teg_gateway.cloud import topics
 from teg_gateway.cloud.forwarder import Forwarder
 from teg_gateway.cloud.limits import SessionLimits, payload_room
 from teg_gateway.cloud.provision import device_name, ensure_credentials
 from teg_gateway.cloud.session import CloudSession
+from teg_gateway.cloud.topics import TELEMETRY as TOPIC_TELEMETRY
 from teg_gateway.config import Settings, level_number
 from teg_gateway.controller.factory import make_runtime
 from teg_gateway.controller.intake import IntakeConfig, IntakePump, IntakeResult
@@ -50,7 +51,7 @@ from teg_gateway.operations.ota import OtaManager
 from teg_gateway.operations.restart import RestartOperation
 from teg_gateway.operations.rpc import RpcDispatcher
 from teg_gateway.store.db import is_corruption, is_disk_full
-from teg_gateway.store.outbox import TELEMETRY, TOPIC_TELEMETRY, now_ms
+from teg_gateway.store.outbox import TELEMETRY, now_ms
 from teg_gateway.store.state import cloud_state, state_dir
 from teg_gateway.store.stores import Stores
 from teg_gateway.systemd import Notifier, status_line

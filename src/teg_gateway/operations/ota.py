@@ -32,7 +32,6 @@ import errno
 import hashlib
 import logging
 import os
-import re
 import shutil
 import ssl
 import tarfile
@@ -44,6 +43,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from teg_gateway.bounds import clip
+from teg_gateway.cloud.topics import OTA_ERRORS as ERROR_TOPICS
+from teg_gateway.cloud.topics import SW_CHUNK_REQUEST as CHUNK_REQUEST
+from teg_gateway.cloud.topics import SW_CHUNK_RESPONSE as CHUNK_RESPONSE
+from teg_gateway.cloud.topics import SW_CHUNK_RESPONSE_RE as _CHUNK_TOPIC
 from teg_gateway.config import Settings
 from teg_gateway.controller.runtime import ControllerError, describe_exit
 from teg_gateway.controller.supervisor import RUNNING, Supervisor
@@ -85,9 +88,6 @@ GIT = "git"
 #: The shared attributes OTA needs, asked for on every connect.
 SHARED_KEYS = ("sw_title", "sw_version", "sw_size", "sw_checksum", "sw_checksum_algorithm",
                "sw_url")
-CHUNK_RESPONSE = "v2/sw/response/"
-CHUNK_REQUEST = "v2/sw/request/"
-ERROR_TOPICS = ("v2/fw/error", "v2/sw/error")
 ALGORITHMS = ("MD5", "SHA256", "SHA384", "SHA512", "CRC32", "MURMUR3_32", "MURMUR3_128")
 #: A new version that fails this many times after the switch is crash-looping.
 CRASH_LIMIT = 3
@@ -96,7 +96,6 @@ HASH_BLOCK = 1024 * 1024
 #: Unpacked content may be at most this many times the package limit (zip bombs).
 UNPACK_FACTOR = 8
 MAX_URL_CHARS = 4096
-_CHUNK_TOPIC = re.compile(r"^v2/sw/response/([^/]+)/chunk/(\d+)$")
 
 Publish = Callable[[str, bytes | str], "asyncio.Future[None]"]
 Report = Callable[[dict[str, Any]], None]
