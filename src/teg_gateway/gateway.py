@@ -24,6 +24,7 @@ from types import FrameType
 from typing import Any
 
 from teg_gateway import __version__
+from teg_gateway.clock import now_ms
 from teg_gateway.cloud import topics
 from teg_gateway.cloud.forwarder import Forwarder
 from teg_gateway.cloud.limits import SessionLimits, payload_room
@@ -51,7 +52,7 @@ from teg_gateway.operations.ota import OtaManager
 from teg_gateway.operations.restart import RestartOperation
 from teg_gateway.operations.rpc import RpcDispatcher
 from teg_gateway.store.db import is_corruption, is_disk_full
-from teg_gateway.store.outbox import TELEMETRY, now_ms
+from teg_gateway.store.outbox import TELEMETRY
 from teg_gateway.store.state import cloud_state, state_dir
 from teg_gateway.store.stores import Stores
 from teg_gateway.systemd import Notifier, status_line

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from teg_gateway.backoff import Backoff
+from teg_gateway.clock import now_ms
 from teg_gateway.cloud import topics
 from teg_gateway.cloud.credentials import Credentials
 from teg_gateway.cloud.limits import Pacer, SessionLimits
@@ -118,7 +118,7 @@ class CloudSession:
         self.connected.set()
         self.last_error = ""
         log.info("ThingsBoard: connected to %s:%d", tb.host, tb.port)
-        self.state.update(last_result="connected", last_connected_ms=time.time_ns() // 10**6,
+        self.state.update(last_result="connected", last_connected_ms=now_ms(),
                           host=tb.host, port=tb.port)
         limits = asyncio.ensure_future(self._resolve_limits())
         self.request_shared_attributes(self.shared_keys)
@@ -141,7 +141,7 @@ class CloudSession:
         if self._stopping.is_set():
             await conn.close("gateway shutting down")
             self.state.update(last_result="disconnected: the gateway stopped",
-                              last_failure_ms=time.time_ns() // 10**6)
+                              last_failure_ms=now_ms())
             return None
         await conn.close()
         if conn.closed_by_gateway or not conn.unacked_at_close:
@@ -227,7 +227,7 @@ class CloudSession:
     def _record_failure(self, text: str, serious: bool) -> None:
         self.last_error = text
         log.log(logging.ERROR if serious else logging.WARNING, "ThingsBoard: %s", text)
-        self.state.update(last_result=text, last_failure_ms=time.time_ns() // 10**6)
+        self.state.update(last_result=text, last_failure_ms=now_ms())
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> asyncio.Future[None]:
         """Publish an operation's message on the current connection, paced under the

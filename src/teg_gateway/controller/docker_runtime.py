@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from teg_gateway.clock import ms
 from teg_gateway.config import Settings
 from teg_gateway.controller.runtime import ControllerStartError, ControllerUnavailable
 from teg_gateway.controller.versions import check_version, export_version
@@ -57,7 +58,7 @@ def parse_docker_time(text: str | None) -> int | None:
     base, fraction, zone = match.groups()
     zone = "+00:00" if zone == "Z" else zone
     stamp = datetime.fromisoformat(f"{base}.{(fraction or '0')[:6].ljust(6, '0')}{zone}")
-    return int(stamp.timestamp() * 1000)
+    return ms(stamp.timestamp())
 
 
 def build_output(items: Any) -> list[str]:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from teg_gateway.clock import now_ms
 from teg_gateway.config import Settings
 from teg_gateway.controller.runtime import LOG_FILE_NAME, ControllerStartError, describe_exit
 from teg_gateway.controller.versions import version_dir
@@ -152,7 +153,7 @@ class ProcessRuntime:
         self._proc = proc
         # One waiter per process: wait() polls it without piling up tasks.
         self._exited = asyncio.ensure_future(proc.wait())
-        self._started_ms = time.time_ns() // 1_000_000
+        self._started_ms = now_ms()
         self._version = version
         self._last_exit = None
         self.workdir = cwd

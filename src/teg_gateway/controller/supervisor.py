@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from teg_gateway.backoff import Backoff
+from teg_gateway.clock import now_ms
 from teg_gateway.config import Settings
 from teg_gateway.controller.runtime import (
     ControllerError,
@@ -61,10 +62,6 @@ UNAVAILABLE = "unavailable"
 def controller_state_file(settings: Settings) -> StateFile:
     """``<data>/state/controller.json``: launched version, restart count, last state."""
     return StateFile(state_dir(settings.data_dir) / "controller.json")
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class Supervisor:
@@ -168,7 +165,7 @@ class Supervisor:
     def note_health(self, status: str, ts_ms: int | None = None) -> None:
         """A ``status/health`` message of the controller's service on the local bus."""
         if status == "up":
-            self._signal(ts_ms or _wall_ms())
+            self._signal(ts_ms or now_ms())
         elif status != self._bus_status:
             log.info("controller service reports %r on the local bus", status)
         self._bus_status = status
@@ -386,7 +383,7 @@ class Supervisor:
         self._ever_started = True
         self._run_begun()
         self.state_file.update(version=self._version, restarts=self.restarts,
-                               launched_ms=_wall_ms())
+                               launched_ms=now_ms())
         self._report(RUNNING)
         return True
 
@@ -395,7 +392,7 @@ class Supervisor:
         # How long the controller had been running when this run was taken up (a
         # container kept across a gateway restart): read from the wall clock once.
         started_ms = self.runtime.started_at_ms()
-        self._age_at_run_start_ms = max(0, _wall_ms() - started_ms) if started_ms else 0
+        self._age_at_run_start_ms = max(0, now_ms() - started_ms) if started_ms else 0
         self._signal_since_start = False
         self._healthy_this_run = False
         self._healthy.clear()
@@ -515,6 +512,6 @@ class Supervisor:
             log.exception("controller state could not be reported")
         try:
             self.state_file.update(state=state, last_exit=self._last_exit_text,
-                                   updated_ms=_wall_ms())
+                                   updated_ms=now_ms())
         except OSError as exc:
             log.error("controller state file %s: cannot write: %s", self.state_file.path, exc)

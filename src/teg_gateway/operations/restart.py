@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from teg_gateway.bounds import clip
+from teg_gateway.clock import now_ms
 from teg_gateway.config import RestartSettings
 from teg_gateway.local.topics import RESTART_CAPABILITY
 from teg_gateway.mqttlink import ConnectionLost
@@ -267,7 +268,7 @@ class RestartOperation:
             return
         command = {**command, "status": "executing"}
         pending = {"id": command_id, "topic": topic, "command": command, "boot_id": boot_id,
-                   "phase": "executing", "started_ms": time.time_ns() // 1_000_000,
+                   "phase": "executing", "started_ms": now_ms(),
                    "via_bus": via_bus}
         state["pending"] = pending
         self._save(state)

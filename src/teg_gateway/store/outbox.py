@@ -13,12 +13,13 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from teg_gateway.clock import now_ms
 from teg_gateway.cloud import topics
 from teg_gateway.store import deadletters
-from teg_gateway.store.db import add_counter, get_counter, now_ms, transaction, used_bytes
+from teg_gateway.store.db import add_counter, get_counter, transaction, used_bytes
 from teg_gateway.store.deadletters import DEAD_LETTER_CAP_BYTES, dead_letter_bytes
 
-__all__ = ["add_counter", "get_counter", "now_ms", "transaction", "used_bytes"]
+__all__ = ["add_counter", "get_counter", "transaction", "used_bytes"]
 
 TELEMETRY = 0
 ATTRIBUTES = 1
