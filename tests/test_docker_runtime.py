@@ -33,6 +33,7 @@ from teg_gateway.controller.docker_runtime import (
     image_name,
 )
 from teg_gateway.controller.runtime import ControllerStartError
+from teg_gateway.controller.versions import ControllerPlaces
 from teg_gateway.sandbox.process import GatewayProcess
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
 from test_forwarding import health_records, wait_connected, wait_until
@@ -186,6 +187,11 @@ def runtime_settings(tmp_path: Path, repo: Path) -> Settings:
     return settings
 
 
+def docker_runtime(settings: Settings, **options: Any) -> DockerRuntime:
+    """A Docker runtime for ``settings``, as the gateway builds it."""
+    return DockerRuntime(settings.controller, ControllerPlaces.of(settings), **options)
+
+
 async def until(predicate: Any, what: str, timeout: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
@@ -200,7 +206,7 @@ def test_build_run_stop_and_restart_from_a_git_tag(engine: ContainerEngine,
     (repo / "docker" / "mode.txt").write_text("crash")  # uncommitted: not what v1 is
     settings = runtime_settings(tmp_path, repo)
     data = tmp_path / "data"
-    runtime = DockerRuntime(settings, base_url=engine.base_url, call_timeout_s=60.0)
+    runtime = docker_runtime(settings, base_url=engine.base_url, call_timeout_s=60.0)
 
     async def main() -> None:
         await runtime.start("v1")
@@ -243,7 +249,7 @@ def test_a_broken_build_or_unknown_version_is_a_clear_start_error(engine: Contai
     (repo / "docker" / "Dockerfile").write_text(DOCKERFILE.replace("mode.txt", "missing.txt"))
     git(repo, "commit", "-q", "-am", "broken")
     git(repo, "tag", "v2")
-    runtime = DockerRuntime(runtime_settings(tmp_path, repo), base_url=engine.base_url,
+    runtime = docker_runtime(runtime_settings(tmp_path, repo), base_url=engine.base_url,
                             call_timeout_s=60.0)
 
     async def start(version: str) -> str:
@@ -276,7 +282,7 @@ def test_the_example_controller_runs_in_a_container(engine: ContainerEngine,
     git(repo, "tag", "1.0")
     settings = runtime_settings(tmp_path, repo)
     settings.controller.env = {"EXAMPLE_PERIOD_S": "0.05"}
-    runtime = DockerRuntime(settings, base_url=engine.base_url, call_timeout_s=60.0)
+    runtime = docker_runtime(settings, base_url=engine.base_url, call_timeout_s=60.0)
     queue = tmp_path / "data" / "communication_queue.db"
 
     def readings() -> int:

@@ -121,7 +121,7 @@ class Gateway:
         runtime = make_runtime(settings, controller_state)
         if runtime is not None:
             self.supervisor = Supervisor(
-                runtime, settings, controller_state,
+                runtime, settings.controller, controller_state,
                 last_health_check_ms=self._controller_health_check_ms,
                 report=self.report_telemetry,
                 request_sw_version=self._request_sw_version,

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from teg_gateway.clock import now_ms
-from teg_gateway.config import Settings
+from teg_gateway.clock import Clock
+from teg_gateway.config import ControllerSettings
 from teg_gateway.controller.runtime import LOG_FILE_NAME, ControllerStartError, describe_exit
-from teg_gateway.controller.versions import version_dir
+from teg_gateway.controller.versions import ControllerPlaces
 from teg_gateway.store.state import StateFile
 
 log = logging.getLogger(__name__)
@@ -111,12 +111,14 @@ class ProcessRuntime:
     requires_version = False
     stop_on_shutdown_default = True
 
-    def __init__(self, settings: Settings, state: StateFile | None = None) -> None:
+    def __init__(self, settings: ControllerSettings, places: ControllerPlaces,
+                 state: StateFile | None = None, *, clock: Clock | None = None) -> None:
         self.settings = settings
+        self.places = places
         self.state = state
-        ctl = settings.controller
-        self.log = RotatingLog(settings.controller_logs_dir / LOG_FILE_NAME,
-                               ctl.log_max_bytes, ctl.log_backups)
+        self.clock = clock or Clock()
+        self.log = RotatingLog(places.logs_dir / LOG_FILE_NAME,
+                               settings.log_max_bytes, settings.log_backups)
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._exited: asyncio.Future[int] | None = None
@@ -135,13 +137,13 @@ class ProcessRuntime:
         if not self._orphan_checked:
             self._orphan_checked = True
             await self._stop_orphan()
-        command = list(self.settings.controller.command)
+        command = list(self.settings.command)
         if not command:
             raise ControllerStartError("controller.command is empty: nothing to run")
         cwd = self.working_dir(version)
         env = self.environment(version, cwd)
-        self.settings.controller_data_dir.mkdir(parents=True, exist_ok=True)
-        self.settings.controller_logs_dir.mkdir(parents=True, exist_ok=True)
+        self.places.data_dir.mkdir(parents=True, exist_ok=True)
+        self.places.logs_dir.mkdir(parents=True, exist_ok=True)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *command, cwd=cwd, env=env, stdin=asyncio.subprocess.DEVNULL,
@@ -153,7 +155,7 @@ class ProcessRuntime:
         self._proc = proc
         # One waiter per process: wait() polls it without piling up tasks.
         self._exited = asyncio.ensure_future(proc.wait())
-        self._started_ms = now_ms()
+        self._started_ms = self.clock.now_ms()
         self._version = version
         self._last_exit = None
         self.workdir = cwd
@@ -173,7 +175,7 @@ class ProcessRuntime:
         if proc.returncode is None:
             self._signal_group(proc.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), grace_s)
+                await self.clock.wait_for(proc.wait(), grace_s)
             except TimeoutError:
                 log.warning("controller pid %d did not stop %.1f s after SIGTERM: SIGKILL",
                             proc.pid, grace_s)
@@ -194,7 +196,8 @@ class ProcessRuntime:
         proc, exited = self._proc, self._exited
         if proc is None or exited is None or proc.returncode is not None:
             return
-        await asyncio.wait({exited}, timeout=timeout_s)
+        with contextlib.suppress(TimeoutError):
+            await self.clock.wait_for(asyncio.shield(exited), timeout_s)
 
     def started_at_ms(self) -> int | None:
         running = self._proc is not None and self._proc.returncode is None
@@ -224,21 +227,21 @@ class ProcessRuntime:
         """The active version's directory when it exists, else ``[controller] workdir``,
         else the controller data directory."""
         if version:
-            vdir = version_dir(self.settings, version)
+            vdir = self.places.version_dir(version)
             if vdir.is_dir():
                 return vdir
-        if self.settings.controller.workdir:
-            return Path(self.settings.controller.workdir)
-        return self.settings.controller_data_dir
+        if self.settings.workdir:
+            return Path(self.settings.workdir)
+        return self.places.data_dir
 
     def environment(self, version: str | None, cwd: Path) -> dict[str, str]:
         """The gateway's environment without its own variables, ``[controller] env``, and
         the contract: TEG_DATA_PATH (the controller data directory, as in the original),
         TEG_CONTROLLER_LOGS_PATH, TEG_CONTROLLER_VERSION and TEG_CONTROLLER_DIR."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}
-        env.update(self.settings.controller.env)
-        env["TEG_DATA_PATH"] = str(self.settings.controller_data_dir)
-        env["TEG_CONTROLLER_LOGS_PATH"] = str(self.settings.controller_logs_dir)
+        env.update(self.settings.env)
+        env["TEG_DATA_PATH"] = str(self.places.data_dir)
+        env["TEG_CONTROLLER_LOGS_PATH"] = str(self.places.logs_dir)
         env["TEG_CONTROLLER_VERSION"] = version or ""
         env["TEG_CONTROLLER_DIR"] = str(cwd)
         return env
@@ -312,10 +315,11 @@ class ProcessRuntime:
         log.warning("controller pid %d from an earlier gateway run still runs: stopping it",
                     pid)
         self._signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.controller.stop_grace_s
-        while _proc_start_ticks(pid) == start and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        clock = self.clock
+        deadline = clock.monotonic() + self.settings.stop_grace_s
+        while _proc_start_ticks(pid) == start and clock.monotonic() < deadline:
+            await clock.sleep(0.05)
         self._signal_group(pid, signal.SIGKILL)
-        while _proc_start_ticks(pid) == start and time.monotonic() < deadline + 2.0:
-            await asyncio.sleep(0.05)
+        while _proc_start_ticks(pid) == start and clock.monotonic() < deadline + 2.0:
+            await clock.sleep(0.05)
         self.state.update(process=None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 from typing import Protocol
 
-from teg_gateway.config import Settings
+from teg_gateway.config import ControllerSettings
 
 LOG_FILE_NAME = "controller.log"
 
@@ -80,9 +80,9 @@ def describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def stop_on_shutdown(settings: Settings, runtime: ControllerRuntime) -> bool:
+def stop_on_shutdown(settings: ControllerSettings, runtime: ControllerRuntime) -> bool:
     """Whether a graceful gateway shutdown stops the controller."""
-    mode = settings.controller.stop_on_shutdown
+    mode = settings.stop_on_shutdown
     if mode == "always":
         return True
     if mode == "never":

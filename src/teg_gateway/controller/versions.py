@@ -2,7 +2,8 @@
 
 Versions live in ``<data>/controller/versions/<version>/``: the process runtime runs the
 command there when that directory exists, the Docker runtime builds its image from it,
-and OTA unpacks packages into it.
+and OTA unpacks packages into it. :class:`ControllerPlaces` gathers every place a runtime
+uses, so a runtime does not need the whole settings.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from teg_gateway.config import Settings
@@ -46,6 +48,31 @@ def version_dir(settings: Settings, version: str) -> Path:
     return versions_dir(settings) / check_version(version)
 
 
+@dataclass(frozen=True)
+class ControllerPlaces:
+    """Where the controller lives: its data and logs directories (mounted into a
+    container), the versions directory, and the git repository versions come from."""
+
+    data_dir: Path
+    logs_dir: Path
+    versions_dir: Path
+    git_repo: str = ""
+    #: Docker build context and the Dockerfile inside it (``paths.controller_docker*``).
+    docker_context: str = ""
+    dockerfile: str = "./Dockerfile"
+
+    @classmethod
+    def of(cls, settings: Settings) -> ControllerPlaces:
+        paths = settings.paths
+        return cls(settings.controller_data_dir, settings.controller_logs_dir,
+                   versions_dir(settings), paths.controller_git,
+                   paths.controller_dockercontext, paths.controller_dockerfile)
+
+    def version_dir(self, version: str) -> Path:
+        """The directory of one controller version (it may not exist)."""
+        return self.versions_dir / check_version(version)
+
+
 async def run_git(repo: str, *args: str, timeout_s: float = 300.0) -> tuple[int, str, str]:
     """``git -C repo args…`` as an asyncio subprocess: (exit code, stdout, stderr)."""
     try:
@@ -67,16 +94,23 @@ async def run_git(repo: str, *args: str, timeout_s: float = 300.0) -> tuple[int,
 
 async def export_version(settings: Settings, version: str, timeout_s: float = 300.0) -> Path:
     """``<data>/controller/versions/<version>``, exported from the controller git
-    repository (``git archive`` of the tag or commit) when it does not exist yet.
+    repository (``paths.controller_git``); see :func:`export_from_git`."""
+    return await export_from_git(ControllerPlaces.of(settings), version, timeout_s)
+
+
+async def export_from_git(places: ControllerPlaces, version: str,
+                          timeout_s: float = 300.0) -> Path:
+    """The directory of ``version``, exported from the controller git repository
+    (``git archive`` of the tag or commit) when it does not exist yet.
 
     The repository's own working tree is never touched; a version missing from it is
     fetched (``git fetch --tags``) once. The export appears atomically (temp directory,
     rename), so a half-written version directory never exists.
     """
-    dest = version_dir(settings, version)
+    dest = places.version_dir(version)
     if dest.is_dir():
         return dest
-    repo = settings.paths.controller_git
+    repo = places.git_repo
     if not repo:
         raise ControllerStartError(
             f"no source for controller version {version}: {dest} does not exist and "
