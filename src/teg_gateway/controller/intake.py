@@ -51,7 +51,8 @@ from teg_gateway.controller.queue import (
     queue_damaged,
 )
 from teg_gateway.store import db, deadletters
-from teg_gateway.store.outbox import TELEMETRY, add_counter, used_bytes
+from teg_gateway.store.db import add_counter, used_bytes
+from teg_gateway.store.outbox import TELEMETRY
 
 log = logging.getLogger(__name__)
 

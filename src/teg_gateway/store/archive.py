@@ -11,7 +11,8 @@ import sqlite3
 
 from teg_gateway import BUILD_DATE
 from teg_gateway.clock import ms, now_ms
-from teg_gateway.store.outbox import TELEMETRY, transaction, used_bytes
+from teg_gateway.store.db import transaction, used_bytes
+from teg_gateway.store.outbox import TELEMETRY
 
 SCHEMA = """
 PRAGMA auto_vacuum = INCREMENTAL;

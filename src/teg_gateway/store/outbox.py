@@ -19,8 +19,6 @@ from teg_gateway.store import deadletters
 from teg_gateway.store.db import add_counter, get_counter, transaction, used_bytes
 from teg_gateway.store.deadletters import DEAD_LETTER_CAP_BYTES, dead_letter_bytes
 
-__all__ = ["add_counter", "get_counter", "transaction", "used_bytes"]
-
 TELEMETRY = 0
 ATTRIBUTES = 1
 
