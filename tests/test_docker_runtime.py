@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import textwrap
 import time
@@ -200,6 +201,20 @@ async def until(predicate: Any, what: str, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def readings(queue: Path) -> int:
+    """Telemetry rows the controller wrote into its queue database so far."""
+    if not queue.exists():
+        return 0
+    db = sqlite3.connect(queue, timeout=10)
+    try:
+        return int(db.execute("SELECT count(*) FROM messages WHERE type = 'telemetry'")
+                   .fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+
+
 def test_build_run_stop_and_restart_from_a_git_tag(engine: ContainerEngine,
                                                    tmp_path: Path) -> None:
     repo = controller_repo(tmp_path / "repo", {"v1": "healthy"})
@@ -213,7 +228,8 @@ def test_build_run_stop_and_restart_from_a_git_tag(engine: ContainerEngine,
         assert await runtime.is_running()
         assert runtime.version() == "v1"
         assert runtime.started_at_ms() is not None
-        await until((data / "communication_queue.db").exists, "the queue db")
+        await until(lambda: readings(data / "communication_queue.db") >= 1,
+                    "a first reading in the queue db")
         await until(lambda: bool(lines(data / "starts.log")), "the first start")
         await runtime.stop(5.0)
         assert not await runtime.is_running()
@@ -285,22 +301,9 @@ def test_the_example_controller_runs_in_a_container(engine: ContainerEngine,
     runtime = docker_runtime(settings, base_url=engine.base_url, call_timeout_s=60.0)
     queue = tmp_path / "data" / "communication_queue.db"
 
-    def readings() -> int:
-        if not queue.exists():
-            return 0
-        import sqlite3
-        db = sqlite3.connect(queue, timeout=10)
-        try:
-            return int(db.execute("SELECT count(*) FROM messages WHERE type = 'telemetry'")
-                       .fetchone()[0])
-        except sqlite3.OperationalError:
-            return 0
-        finally:
-            db.close()
-
     async def main() -> None:
         await runtime.start("1.0")
-        await until(lambda: readings() >= 5, "five readings from the container")
+        await until(lambda: readings(queue) >= 5, "five readings from the container")
         await runtime.stop(10.0)
 
     asyncio.run(main())
