@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import textwrap
 import time
@@ -33,6 +34,7 @@ from teg_gateway.controller.docker_runtime import (
     image_name,
 )
 from teg_gateway.controller.runtime import ControllerStartError
+from teg_gateway.controller.versions import ControllerPlaces
 from teg_gateway.sandbox.process import GatewayProcess
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
 from test_forwarding import health_records, wait_connected, wait_until
@@ -186,6 +188,11 @@ def runtime_settings(tmp_path: Path, repo: Path) -> Settings:
     return settings
 
 
+def docker_runtime(settings: Settings, **options: Any) -> DockerRuntime:
+    """A Docker runtime for ``settings``, as the gateway builds it."""
+    return DockerRuntime(settings.controller, ControllerPlaces.of(settings), **options)
+
+
 async def until(predicate: Any, what: str, timeout: float = 60.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
@@ -194,20 +201,35 @@ async def until(predicate: Any, what: str, timeout: float = 60.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def readings(queue: Path) -> int:
+    """Telemetry rows the controller wrote into its queue database so far."""
+    if not queue.exists():
+        return 0
+    db = sqlite3.connect(queue, timeout=10)
+    try:
+        return int(db.execute("SELECT count(*) FROM messages WHERE type = 'telemetry'")
+                   .fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+
+
 def test_build_run_stop_and_restart_from_a_git_tag(engine: ContainerEngine,
                                                    tmp_path: Path) -> None:
     repo = controller_repo(tmp_path / "repo", {"v1": "healthy"})
     (repo / "docker" / "mode.txt").write_text("crash")  # uncommitted: not what v1 is
     settings = runtime_settings(tmp_path, repo)
     data = tmp_path / "data"
-    runtime = DockerRuntime(settings, base_url=engine.base_url, call_timeout_s=60.0)
+    runtime = docker_runtime(settings, base_url=engine.base_url, call_timeout_s=60.0)
 
     async def main() -> None:
         await runtime.start("v1")
         assert await runtime.is_running()
         assert runtime.version() == "v1"
         assert runtime.started_at_ms() is not None
-        await until((data / "communication_queue.db").exists, "the queue db")
+        await until(lambda: readings(data / "communication_queue.db") >= 1,
+                    "a first reading in the queue db")
         await until(lambda: bool(lines(data / "starts.log")), "the first start")
         await runtime.stop(5.0)
         assert not await runtime.is_running()
@@ -243,7 +265,7 @@ def test_a_broken_build_or_unknown_version_is_a_clear_start_error(engine: Contai
     (repo / "docker" / "Dockerfile").write_text(DOCKERFILE.replace("mode.txt", "missing.txt"))
     git(repo, "commit", "-q", "-am", "broken")
     git(repo, "tag", "v2")
-    runtime = DockerRuntime(runtime_settings(tmp_path, repo), base_url=engine.base_url,
+    runtime = docker_runtime(runtime_settings(tmp_path, repo), base_url=engine.base_url,
                             call_timeout_s=60.0)
 
     async def start(version: str) -> str:
@@ -276,25 +298,12 @@ def test_the_example_controller_runs_in_a_container(engine: ContainerEngine,
     git(repo, "tag", "1.0")
     settings = runtime_settings(tmp_path, repo)
     settings.controller.env = {"EXAMPLE_PERIOD_S": "0.05"}
-    runtime = DockerRuntime(settings, base_url=engine.base_url, call_timeout_s=60.0)
+    runtime = docker_runtime(settings, base_url=engine.base_url, call_timeout_s=60.0)
     queue = tmp_path / "data" / "communication_queue.db"
-
-    def readings() -> int:
-        if not queue.exists():
-            return 0
-        import sqlite3
-        db = sqlite3.connect(queue, timeout=10)
-        try:
-            return int(db.execute("SELECT count(*) FROM messages WHERE type = 'telemetry'")
-                       .fetchone()[0])
-        except sqlite3.OperationalError:
-            return 0
-        finally:
-            db.close()
 
     async def main() -> None:
         await runtime.start("1.0")
-        await until(lambda: readings() >= 5, "five readings from the container")
+        await until(lambda: readings(queue) >= 5, "five readings from the container")
         await runtime.stop(10.0)
 
     asyncio.run(main())
@@ -352,6 +361,7 @@ def test_gateway_supervises_a_container_and_forwards_what_it_writes(
     # A graceful gateway stop leaves the container running (docker's default) ...
     assert gateway.stop() == 0
     assert container(engine).attrs["State"]["Running"]
+    kept = container(engine).id
     assert not lines(data_dir / "stops.log")
     # ... and the next gateway takes it over instead of starting another.
     gateway.start()
@@ -360,8 +370,7 @@ def test_gateway_supervises_a_container_and_forwards_what_it_writes(
     wait_until(lambda: len(arrived(thingsboard, 2)) >= written + 10,
                "records of the same container after the gateway's restart", gateway)
     assert len(lines(data_dir / "starts.log")) == 2
-    assert ("controller already running (container teg_controller, version v1): "
-            "supervising it") in gateway.log_text()
+    assert container(engine).id == kept
 
     # The RPC restarts the container; then everything the run wrote has arrived.
     reply = thingsboard.rpc("restart_controller", timeout=60)
@@ -433,6 +442,6 @@ def test_ota_package_is_built_and_run_and_a_crashing_one_rolled_back(
     images = {tag.rsplit("/", 1)[-1] for image in engine.client.images.list()
               for tag in image.tags if "teg-controller-" in tag}
     assert images == {image_name("2.0"), image_name("4.0")}
-    # The build output is in the gateway's log.
+    # The build output is in the gateway's log: there, the log line is the product.
     assert f"docker build {image_name('4.0')}: " in gateway.log_text()
     assert gateway.stop() == 0

@@ -13,11 +13,13 @@ from __future__ import annotations
 import re
 import signal
 from pathlib import Path
+from typing import Any
 
 from conftest import GatewayFactory
 from teg_gateway.sandbox.controller import QueueWriter, make_records
 from teg_gateway.sandbox.process import GatewayProcess
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
+from teg_gateway.store.state import cloud_state
 from test_forwarding import (
     WAIT,
     Report,
@@ -43,19 +45,22 @@ def restart_cloud(thingsboard: FakeThingsBoard) -> None:
     thingsboard.start()
 
 
-def log_count(gateway: GatewayProcess, text: str) -> int:
-    return gateway.log_text().count(text)
+def cloud_status(gateway: GatewayProcess) -> dict[str, Any]:
+    """What the gateway keeps about its ThingsBoard connection (``state/cloud.json``, shown
+    by ``teg-gateway status``): last_result, last_connected_ms, last_failure_ms."""
+    return cloud_state(Path(gateway.env["TEG_DATA_PATH"])).read()
 
 
-def losses(gateway: GatewayProcess) -> int:
-    """Lost connections the gateway logged: plain losses, and losses with publishes awaiting
-    PUBACK (which it takes for a cut by a ThingsBoard limit)."""
-    return (log_count(gateway, "ThingsBoard: connection to")
-            + log_count(gateway, "ThingsBoard: ThingsBoard closed the connection with"))
+def wait_cloud_lost(gateway: GatewayProcess, timeout: float = WAIT) -> None:
+    """Until the gateway has noticed that its ThingsBoard connection is gone."""
+    wait_until(lambda: cloud_status(gateway).get("last_result") not in (None, "connected"),
+               "the gateway notices the lost connection (it must not hang)", gateway,
+               timeout=timeout)
 
 
 def assert_clean_log(gateway: GatewayProcess) -> None:
-    """No stray asyncio errors: they would also go to ThingsBoard as log records."""
+    """No stray asyncio errors: they would also go to ThingsBoard as log records. (Here
+    the log is the product: a user never sees a traceback.)"""
     text = gateway.log_text()
     for bad in ("never retrieved", "Task exception", "Traceback"):
         assert bad not in text, f"{bad!r} in the gateway log:\n{gateway.log_tail(40)}"
@@ -93,7 +98,7 @@ def test_broker_outage_mid_stream_loses_nothing(make_gateway: GatewayFactory,
         stop_cloud(thingsboard)
         at_stop = received_count(thingsboard)
         # The controller goes on writing; the gateway keeps taking its records meanwhile.
-        gateway.wait_for_log("ThingsBoard: reconnecting in", timeout=WAIT)
+        wait_cloud_lost(gateway)
         written_during = stream.written
         wait_until(lambda: stream.written >= written_during + 2000,
                    "the controller writes on during the outage", gateway)
@@ -125,15 +130,12 @@ def test_broker_killed_repeatedly_mid_stream(make_gateway: GatewayFactory,
         for cycle in range(cycles):
             wait_until(lambda c=cycle: received_count(thingsboard) >= 2000 * (c + 1),  # type: ignore[misc]
                        f"records keep arriving (cycle {cycle})", gateway)
-            losses_before = losses(gateway)
+            connected_ms = cloud_status(gateway)["last_connected_ms"]
             stop_cloud(thingsboard, kill=True)
-            wait_until(lambda n=losses_before: losses(gateway) > n,  # type: ignore[misc]
-                       "the gateway notices the lost connection (it must not hang)", gateway,
-                       timeout=15.0)
-            connects = log_count(gateway, "ThingsBoard: connected to")
+            wait_cloud_lost(gateway, timeout=15.0)
             restart_cloud(thingsboard)
-            wait_until(lambda n=connects: log_count(  # type: ignore[misc]
-                gateway, "ThingsBoard: connected to") > n, "the gateway reconnects", gateway)
+            wait_until(lambda n=connected_ms: cloud_status(gateway).get(  # type: ignore[misc]
+                "last_connected_ms", 0) > n, "the gateway reconnects", gateway)
     result = wait_delivered(thingsboard, range(total), gateway)
 
     report(f"broker killed {cycles} times: {result.describe()}")
@@ -186,13 +188,13 @@ def test_frozen_broker_puback_timeout_reconnects_and_resends(make_gateway: Gatew
     thingsboard.pause()
     try:
         queue_writer.write(make_records(3000, start_seq=2000))
-        gateway.wait_for_log("no PUBACK within", timeout=WAIT)
+        wait_cloud_lost(gateway)  # it gives up the connection that acknowledges nothing
     finally:
         thingsboard.resume()
     queue_writer.write(make_records(1000, start_seq=5000))
     result = wait_delivered(thingsboard, range(6000), gateway)
 
-    connects = gateway.log_text().count("ThingsBoard: connected to")
+    connects = thingsboard.connection_count
     report(f"frozen broker: {result.describe()}, {connects} connections")
     assert connects >= 2, "the gateway reconnected after the PUBACK timeout"
     assert result.unexpected == []
@@ -224,7 +226,7 @@ def test_corrupt_outbox_at_start_is_moved_aside_and_reported(make_gateway: Gatew
     assert len(moved) == 1
     assert moved[0].read_bytes() == garbage
     assert any("outbox.db" in p and "moved aside" in p for p in problems)
-    assert "moved aside" in gateway.log_text()
+    # The ERROR line is what an operator reads in ThingsBoard: its wording counts.
     wait_until(lambda: any(r["severity"] == "ERROR" and "moved aside" in r["message"]
                            for r in log_records(thingsboard)),
                "the ERROR log record reaches ThingsBoard", gateway)
@@ -273,7 +275,6 @@ def test_graceful_shutdown_keeps_unacknowledged_records(make_gateway: GatewayFac
         thingsboard.resume()
 
     assert code == 0, gateway.log_tail()
-    assert "not acknowledged" in gateway.log_text()
     left = outbox_seqs(data_dir)
     report(f"graceful shutdown with a frozen broker: {len(left)} records left in the outbox")
     assert set(range(1000, 3000)) <= set(left), "unacknowledged records stay in the outbox"
@@ -300,7 +301,6 @@ def test_forced_shutdown_exits_3_and_loses_nothing(make_gateway: GatewayFactory,
 
     report(f"forced shutdown: exit {code}, {len(left)} records left in the outbox")
     assert code == 3, gateway.log_tail()
-    assert "forcing the exit" in gateway.log_text()
     assert set(range(1000, 3000)) <= set(left)
 
     restart_and_deliver_all(gateway, thingsboard, report)
@@ -315,7 +315,7 @@ def test_restart_with_queued_and_unsent_records(make_gateway: GatewayFactory,
     gateway.start()
     wait_connected(thingsboard, gateway)
     stop_cloud(thingsboard)
-    gateway.wait_for_log("ThingsBoard: reconnecting in", timeout=WAIT)
+    wait_cloud_lost(gateway)
     queue_writer.write(make_records(5000))
     wait_until(lambda: queue_writer.pending() == 0, "the gateway takes the records", gateway)
     assert gateway.stop() == 0
@@ -343,7 +343,7 @@ def test_damaged_outbox_at_start_is_salvaged(make_gateway: GatewayFactory, *,
     gateway.start()
     wait_connected(thingsboard, gateway)
     stop_cloud(thingsboard)
-    gateway.wait_for_log("ThingsBoard: reconnecting in", timeout=WAIT)
+    wait_cloud_lost(gateway)
     queue_writer.write(make_records(total))
     wait_until(lambda: queue_writer.pending() == 0, "the gateway takes the records", gateway)
     assert gateway.stop() == 0
@@ -385,12 +385,14 @@ def test_outbox_quota_drops_oldest_and_reports_it(make_gateway: GatewayFactory, 
     gateway.start()
     wait_connected(thingsboard, gateway)
     stop_cloud(thingsboard)
-    gateway.wait_for_log("ThingsBoard: reconnecting in", timeout=WAIT)
+    wait_cloud_lost(gateway)
     for first in range(0, total, 500):
         queue_writer.write(make_records(500, start_seq=first))
         wait_until(lambda: queue_writer.pending() == 0, "the gateway takes the records",
                    gateway)
-    gateway.wait_for_log("over its quota", timeout=WAIT)
+    wait_until(lambda: query(data_dir / "outbox.db", "SELECT value FROM counters "
+                             "WHERE name = 'records_dropped'") not in ([], [(0,)]),
+               "the outbox drops its oldest records", gateway)
     restart_cloud(thingsboard)
 
     wait_until(lambda: any(h["records_dropped"] > 0 and h["outbox_depth"] <= 2
@@ -409,9 +411,6 @@ def test_outbox_quota_drops_oldest_and_reports_it(make_gateway: GatewayFactory, 
     assert result.duplicates == 0
     archived = query(data_dir / "archive.db", "SELECT count(*) FROM records")
     assert archived == [(total,)], "dropped records stay in the archive"
-    # The WARNING went to the outbox as telemetry too, where later drops of the same outage
-    # may take it: records_dropped in the health telemetry is what reliably reports it.
-    assert "over its quota" in gateway.log_text()
     assert gateway.stop() == 0
     assert_clean_log(gateway)
 
@@ -427,13 +426,15 @@ def test_damaged_controller_queue_is_reported_and_leaves_the_stores_alone(
     gateway = make_gateway()
     gateway.start()
     wait_connected(thingsboard, gateway)
-    gateway.wait_for_log("controller queue database", timeout=WAIT)
     wait_until(lambda: len(health_records(thingsboard)) >= 3, "three health records", gateway)
+    wait_until(lambda: any("controller queue database" in r["message"]
+                           for r in log_records(thingsboard)), "the error reported", gateway)
     errors = [r for r in log_records(thingsboard) if r["severity"] == "ERROR"]
 
     report(f"damaged queue: {len(errors)} ERROR record(s) sent: {errors[0]['message'][:100]!r}")
-    assert any("controller queue database" in r["message"] for r in errors)
-    assert log_count(gateway, "controller queue database") == 1
+    # Reported once (not at every poll): the ERROR record an operator reads.
+    assert len([r for r in errors if "controller queue database" in r["message"]]) == 1
+    # Nothing but the log shows a needless reopening of the gateway's own stores.
     assert "checking the files" not in gateway.log_text(), "own stores reopened needlessly"
     assert list(data_dir.glob("*.corrupt-*")) == []
 
@@ -462,7 +463,6 @@ def test_sigterm_mid_stream_drains_and_restart_loses_nothing(make_gateway: Gatew
         wait_until(lambda: received_count(thingsboard) >= 5000, "5000 records arrive", gateway)
         assert gateway.stop() == 0
         left = outbox_seqs(data_dir)
-        assert "every publish in flight was acknowledged" in gateway.log_text()
         gateway.start()
     result = wait_delivered(thingsboard, range(total), gateway)
 

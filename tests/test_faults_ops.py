@@ -51,7 +51,9 @@ def test_a_truncated_package_fails_once_and_the_running_version_stays(
     assert running_version(data_dir) == "1.0"
     # Resolved for good: no step retried in the background.
     thingsboard.rpc("ping")
+    # No step crashed (that would be a traceback in the log, which a user never sees).
     assert "OTA step failed unexpectedly" not in gateway.log_text()
+    assert states(thingsboard) == ["DOWNLOADING", "DOWNLOADED", "VERIFIED", "FAILED"]
     assert ota_state(data_dir)["phase"] == "failed"
     assert not (data_dir / "controller" / "versions" / "2.0").exists()
     assert gateway.stop() == 0
@@ -114,7 +116,6 @@ def test_a_damaged_ota_state_file_is_quarantined_and_reported(
     quarantined = list(state.glob("ota.json.corrupt-*"))
     assert len(quarantined) == 1
     assert quarantined[0].read_text().startswith('{"phase": "downloading"')
-    assert "ERROR" in gateway.log_text() and "moved aside" in gateway.log_text()
     assert gateway.stop() == 0
 
 

@@ -173,6 +173,7 @@ def test_an_absent_local_broker_is_said_once_at_info(
     gateway.start()
     wait_connected(thingsboard, gateway)
     time.sleep(1.5)  # several retries at 0.2 s
+    # How often and at which level it is said is the product here.
     lines = [line for line in gateway.log_text().splitlines()
              if f"local broker 127.0.0.1:{port} not reachable" in line]
     assert len(lines) == 1, lines

@@ -430,6 +430,7 @@ def test_cloud_log_rate_limit(make_gateway: GatewayFactory, thingsboard: FakeThi
 
     logs = log_records(thingsboard)
     allowed = burst + math.ceil(per_minute * elapsed_min)
+    # The rate limit concerns log records: the local log keeps every one of them.
     warnings_logged = log_text_count(gateway, "malformed row(s) moved to the dead-letter")
     report(f"log storm: {warnings_logged} warnings logged locally, {len(logs)} records sent "
            f"to ThingsBoard (allowed {allowed}), summaries: "

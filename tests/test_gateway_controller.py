@@ -309,8 +309,8 @@ def test_crash_loop_is_restarted_with_growing_delays_and_reported(
     assert states[:12] == ["running", "crashed"] * 6, states
     assert len(controller.starts()) >= 6
 
-    # Every crash is an error in the gateway's log, and the log reaches ThingsBoard.
-    assert gateway.log_text().count("controller stopped unexpectedly (exit code 3)") >= 6
+    # The crash is an error line in the gateway's log that reaches ThingsBoard: that line
+    # is what an operator reads, so its wording is checked.
     wait_until(lambda: any("controller stopped unexpectedly" in r["message"]
                            for r in log_records(thingsboard)),
                "the crash logged to ThingsBoard", gateway)
@@ -344,7 +344,6 @@ def test_a_controller_that_stops_writing_health_checks_is_restarted(
     wait_until(lambda: any(r["controller_restarts"] >= 1
                            for r in with_state(thingsboard, "running")),
                "the restart is counted", gateway)
-    assert "controller hung (no health signal for" in gateway.log_text()
     assert gateway.stop() == 0
 
 
@@ -413,7 +412,6 @@ def test_a_bus_service_that_reports_only_when_asked_is_asked_before_it_counts_as
     assert len(controller.starts()) == 1
     assert len(asked()) >= 2
     assert set(asked()) == {"te/device/main/service/test-controller/cmd/health/check"}
-    assert "no health signal from the controller for" in gateway.log_text()
     assert gateway.stop() == 0
 
 
@@ -498,7 +496,6 @@ def test_sigterm_to_the_gateway_stops_a_process_controller(
     assert state["state"] == "stopped"
     assert state["process"] is None
     assert state["last_exit"] == "exit code 0"
-    assert "controller stopped with the gateway" in gateway.log_text()
 
 
 def test_a_controller_that_ignores_sigterm_is_killed_when_the_gateway_stops(
@@ -512,8 +509,6 @@ def test_a_controller_that_ignores_sigterm_is_killed_when_the_gateway_stops(
     assert gateway.stop() == 0
     assert not alive(pid)
     assert controller.state()["last_exit"] == "killed by SIGKILL"
-    assert f"controller pid {pid} did not stop 1.0 s after SIGTERM: SIGKILL" in \
-        gateway.log_text()
 
 
 def test_a_controller_left_by_a_killed_gateway_is_replaced_by_the_next(
@@ -530,8 +525,6 @@ def test_a_controller_left_by_a_killed_gateway_is_replaced_by_the_next(
     wait_until(lambda: len(controller.starts()) == 2, "the next gateway starts one", gateway)
     assert not alive(orphan)
     assert controller.stops()[0] == {"pid": orphan, "sigterm": True}
-    assert f"controller pid {orphan} from an earlier gateway run still runs" in \
-        gateway.log_text()
     assert controller.starts()[1]["pid"] != orphan
     assert gateway.stop() == 0
     assert not alive(controller.starts()[1]["pid"])
@@ -595,8 +588,8 @@ def test_docker_runtime_without_docker_is_reported_and_forwarding_goes_on(
     delays = [r["controller_restart_delay_s"] for r in unavailable[:3]]
     assert delays[2] > delays[0], delays
     assert all(r["controller_restarts"] == 0 for r in unavailable)
-    assert f"controller runtime docker unavailable: {error}" in gateway.log_text()
-    wait_until(lambda: any("controller runtime docker unavailable" in r["message"]
+    # The error line is what an operator reads in ThingsBoard's log: its wording counts.
+    wait_until(lambda: any(f"controller runtime docker unavailable: {error}" in r["message"]
                            for r in log_records(thingsboard)),
                "the log line reaches ThingsBoard", gateway)
 

@@ -198,6 +198,7 @@ def test_run_stops_when_provisioning_is_refused(
     code = gateway.wait(timeout=WAIT)
     log = gateway.log_text()
     assert code == 1, log
+    # The one error line an operator reads: it must carry ThingsBoard's own answer.
     assert message in log
     assert mode.upper() in log
     assert "Traceback" not in log
@@ -217,8 +218,8 @@ def test_run_retries_unanswered_provisioning_with_backoff(
     # Two unanswered requests, then the answered one (a noisy machine may add attempts).
     assert len(thingsboard.provision_requests) >= 3
     assert (data_dir / TOKEN_FILE).read_text().strip() == thingsboard.access_token
+    # Only the log tells the delays between attempts (timing them would be flaky).
     log = gateway.log_text()
-    assert log.count("provisioning: no answer from") >= 2
     delays = [float(d) for d in re.findall(r"provisioning: next attempt in ([\d.]+) s", log)]
     assert len(delays) >= 2
     assert delays[1] >= delays[0], "the delay grows"
@@ -276,7 +277,6 @@ def test_run_tightens_a_loose_token_file(
     login = ("test-device", "loose-token")
     thingsboard.wait_for(lambda: login in thingsboard.connected_usernames(), timeout=WAIT)
     assert file_mode(token_path) == 0o600
-    assert "readable by others" in gateway.log_text()
     assert gateway.stop() == 0
 
 
@@ -313,6 +313,7 @@ def test_untrusted_server_is_not_provisioned_against(
                          timeout=WAIT, message="the gateway did not keep retrying:\n"
                          + gateway.log_tail())
     assert gateway.running, "a TLS failure must not stop the gateway"
+    # Nothing reaches the server, so the ERROR line is the operator's only report.
     assert re.search(r"ERROR .*TLS verification failed", gateway.log_text())
     assert thingsboard.provision_requests == []
     assert provision_logins(thingsboard) == []

@@ -28,15 +28,13 @@ from teg_gateway.controller.docker_runtime import (
     image_name,
     parse_docker_time,
 )
-from teg_gateway.controller.runtime import (
-    ControllerStartError,
-    ProcessRuntime,
-    RotatingLog,
+from teg_gateway.controller.factory import make_runtime
+from teg_gateway.controller.process_runtime import ProcessRuntime, RotatingLog
+from teg_gateway.controller.runtime import ControllerStartError, describe_exit, stop_on_shutdown
+from teg_gateway.controller.versions import (
+    ControllerPlaces,
     check_version,
-    describe_exit,
     export_version,
-    make_runtime,
-    stop_on_shutdown,
     version_dir,
 )
 from teg_gateway.store.state import StateFile
@@ -51,6 +49,11 @@ def make_settings(tmp_path: Path, command: list[str], **controller: Any) -> Sett
     for key, value in controller.items():
         setattr(settings.controller, key, value)
     return settings
+
+
+def docker_runtime(settings: Settings, **options: Any) -> DockerRuntime:
+    """A Docker runtime for ``settings``, as the gateway builds it."""
+    return DockerRuntime(settings.controller, ControllerPlaces.of(settings), **options)
 
 
 def script(tmp_path: Path, name: str, body: str) -> list[str]:
@@ -86,7 +89,7 @@ def test_process_environment_working_dir_and_log(tmp_path: Path,
     settings = make_settings(tmp_path, script(tmp_path, "env.py", ENV_DUMP),
                              env={"EXTRA": "1"})
     settings.paths.controller_data = str(tmp_path / "cdata")
-    runtime = ProcessRuntime(settings)
+    runtime = ProcessRuntime(settings.controller, ControllerPlaces.of(settings))
     env_file = tmp_path / "cdata" / "env.json"
 
     async def run_once(version: str | None) -> dict[str, Any]:
@@ -136,7 +139,7 @@ def test_process_environment_working_dir_and_log(tmp_path: Path,
 
 def test_exit_code_is_remembered(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, script(tmp_path, "c.py", "import sys; sys.exit(7)\n"))
-    runtime = ProcessRuntime(settings)
+    runtime = ProcessRuntime(settings.controller, ControllerPlaces.of(settings))
 
     async def main() -> None:
         await runtime.start(None)
@@ -164,7 +167,7 @@ time.sleep(60)
 def test_stop_sends_sigterm_then_sigkill_to_the_whole_tree(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, script(tmp_path, "stubborn.py", STUBBORN),
                              stop_grace_s=0.3)
-    runtime = ProcessRuntime(settings)
+    runtime = ProcessRuntime(settings.controller, ControllerPlaces.of(settings))
     marker = tmp_path / "data" / "grandchild"
 
     async def main() -> int:
@@ -190,7 +193,7 @@ def test_stop_sends_sigterm_then_sigkill_to_the_whole_tree(tmp_path: Path) -> No
 
 def test_stop_of_a_well_behaved_controller_is_sigterm(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, [sys.executable, "-c", "import time; time.sleep(60)"])
-    runtime = ProcessRuntime(settings)
+    runtime = ProcessRuntime(settings.controller, ControllerPlaces.of(settings))
 
     async def main() -> None:
         await runtime.start(None)
@@ -204,7 +207,7 @@ def test_stop_of_a_well_behaved_controller_is_sigterm(tmp_path: Path) -> None:
 
 def test_missing_program_is_a_clear_start_error(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, [str(tmp_path / "no-such-controller")])
-    runtime = ProcessRuntime(settings)
+    runtime = ProcessRuntime(settings.controller, ControllerPlaces.of(settings))
     with pytest.raises(ControllerStartError, match=r"cannot start .*no-such-controller"):
         asyncio.run(runtime.start(None))
 
@@ -215,13 +218,13 @@ def test_orphan_of_an_earlier_gateway_is_stopped(tmp_path: Path) -> None:
     state = StateFile(tmp_path / "data" / "state" / "controller.json")
 
     async def main() -> None:
-        first = ProcessRuntime(settings, state)
+        first = ProcessRuntime(settings.controller, ControllerPlaces.of(settings), state)
         await first.start(None)
         old = first.pid
         assert old is not None
         assert state.read()["process"]["pid"] == old
         # The gateway goes away without stopping it; the next one finds it.
-        second = ProcessRuntime(settings, state)
+        second = ProcessRuntime(settings.controller, ControllerPlaces.of(settings), state)
         await second.start(None)
         await wait_for(lambda: not alive(old))
         assert second.pid != old
@@ -236,7 +239,7 @@ def test_process_output_rotates(tmp_path: Path) -> None:
     body = "for i in range(400):\n    print(f'line {i:04d} ' + 'x' * 90)\n"
     settings = make_settings(tmp_path, script(tmp_path, "chatty.py", body),
                              log_max_bytes=4000, log_backups=2)
-    runtime = ProcessRuntime(settings)
+    runtime = ProcessRuntime(settings.controller, ControllerPlaces.of(settings))
 
     async def main() -> None:
         await runtime.start(None)
@@ -288,12 +291,12 @@ def test_runtime_choice_and_stop_on_shutdown(tmp_path: Path) -> None:
     settings.controller.runtime = "docker"
     docker = make_runtime(settings)
     assert isinstance(docker, DockerRuntime)
-    assert stop_on_shutdown(settings, process)
-    assert not stop_on_shutdown(settings, docker)
+    assert stop_on_shutdown(settings.controller, process)
+    assert not stop_on_shutdown(settings.controller, docker)
     settings.controller.stop_on_shutdown = "always"
-    assert stop_on_shutdown(settings, docker)
+    assert stop_on_shutdown(settings.controller, docker)
     settings.controller.stop_on_shutdown = "never"
-    assert not stop_on_shutdown(settings, process)
+    assert not stop_on_shutdown(settings.controller, process)
 
 
 def test_docker_times() -> None:
@@ -359,17 +362,18 @@ def test_export_without_a_source_says_so(tmp_path: Path) -> None:
 def test_docker_build_context_follows_the_export(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, ["true"])
     settings.paths.controller_git = str(tmp_path / "repo")
-    runtime = DockerRuntime(settings)
     source = tmp_path / "export"
     (source / "docker").mkdir(parents=True)
-    assert runtime.build_context(source) == (source / "docker", "./Dockerfile")
+    assert docker_runtime(settings).build_context(source) == (source / "docker", "./Dockerfile")
     (source / "docker").rmdir()
-    assert runtime.build_context(source) == (source, "./Dockerfile")
+    assert docker_runtime(settings).build_context(source) == (source, "./Dockerfile")
     settings.paths.controller_dockercontext = str(tmp_path / "repo" / "images" / "ctl")
     settings.paths.controller_dockerfile = "Containerfile"
-    assert runtime.build_context(source) == (source / "images" / "ctl", "Containerfile")
+    assert docker_runtime(settings).build_context(source) == (source / "images" / "ctl",
+                                                              "Containerfile")
     settings.paths.controller_dockercontext = "/opt/shared-context"
-    assert runtime.build_context(source) == (Path("/opt/shared-context"), "Containerfile")
+    assert docker_runtime(settings).build_context(source) == (Path("/opt/shared-context"),
+                                                              "Containerfile")
 
 
 # -- Docker: the missing SDK and engine, for real (a real engine: test_docker_runtime.py) --
@@ -384,7 +388,7 @@ def sdk_installed() -> bool:
 
 def test_missing_sdk_is_reported_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "docker", None)  # makes `import docker` fail
-    runtime = DockerRuntime(make_settings(tmp_path, ["true"]))
+    runtime = docker_runtime(make_settings(tmp_path, ["true"]))
     hint = re.escape("not installed: pip install 'teg-gateway[docker]'")
     with pytest.raises(DockerUnavailable, match=hint):
         asyncio.run(runtime.ping())
@@ -396,7 +400,7 @@ def test_missing_sdk_is_reported_clearly(tmp_path: Path, monkeypatch: pytest.Mon
                     "(pip install 'teg-gateway[docker]'); the missing-SDK report is tested")
 def test_unreachable_engine_is_reported_clearly(tmp_path: Path) -> None:
     socket = tmp_path / "no-engine.sock"
-    runtime = DockerRuntime(make_settings(tmp_path, ["true"]),
+    runtime = docker_runtime(make_settings(tmp_path, ["true"]),
                             base_url=f"unix://{socket}", call_timeout_s=5.0)
 
     async def main() -> None:
@@ -413,7 +417,7 @@ def test_the_example_controller_runs_under_the_process_runtime(tmp_path: Path) -
     example = Path(__file__).resolve().parent.parent / "examples" / "controller" / "controller.py"
     settings = make_settings(tmp_path, [sys.executable, str(example)],
                              env={"EXAMPLE_PERIOD_S": "0.05"})
-    runtime = ProcessRuntime(settings)
+    runtime = ProcessRuntime(settings.controller, ControllerPlaces.of(settings))
     queue = tmp_path / "data" / "communication_queue.db"
 
     def health_and_rows() -> tuple[int, int]:

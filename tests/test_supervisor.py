@@ -19,16 +19,14 @@ from typing import Any
 import pytest
 
 from conftest import alive
+from teg_gateway.clock import Clock
 from teg_gateway.config import Settings
 from teg_gateway.controller.docker_runtime import DockerRuntime
+from teg_gateway.controller.process_runtime import ProcessRuntime
 from teg_gateway.controller.queue import QUEUE_FILE, last_health_check_ms, open_queue
-from teg_gateway.controller.runtime import (
-    ControllerError,
-    ControllerRuntime,
-    ProcessRuntime,
-    version_dir,
-)
+from teg_gateway.controller.runtime import ControllerError, ControllerRuntime
 from teg_gateway.controller.supervisor import Supervisor, controller_state_file
+from teg_gateway.controller.versions import ControllerPlaces, version_dir
 from teg_gateway.operations.controller_rpc import register_controller_rpc
 from teg_gateway.operations.rpc import RpcDispatcher
 
@@ -94,10 +92,12 @@ def make_settings(tmp_path: Path, mode: str, **controller: Any) -> Settings:
 class Harness:
     """A supervisor over a real runtime, with its reports and sw_version requests kept."""
 
-    def __init__(self, settings: Settings, runtime: ControllerRuntime | None = None) -> None:
+    def __init__(self, settings: Settings, runtime: ControllerRuntime | None = None,
+                 clock: Clock | None = None) -> None:
         self.settings = settings
         self.state = controller_state_file(settings)
-        self.runtime = runtime or ProcessRuntime(settings, self.state)
+        self.runtime = runtime or ProcessRuntime(settings.controller,
+                                                 ControllerPlaces.of(settings), self.state)
         self.reports: list[dict[str, Any]] = []
         self.sw_requests = 0
         queue_path = settings.controller_data_dir / QUEUE_FILE
@@ -110,10 +110,10 @@ class Harness:
                 conn.close()
 
         self.supervisor = Supervisor(
-            self.runtime, settings, self.state,
+            self.runtime, settings.controller, self.state,
             last_health_check_ms=last_health_check,
             report=self.reports.append, request_sw_version=self._request,
-            check_interval_s=0.05)
+            clock=clock, check_interval_s=0.05)
 
     def _request(self) -> None:
         self.sw_requests += 1
@@ -385,8 +385,8 @@ def test_no_version_asks_thingsboard(tmp_path: Path) -> None:
 def docker_harness(tmp_path: Path, **controller: Any) -> Harness:
     settings = make_settings(tmp_path, "unused", **controller)
     settings.controller.runtime = "docker"
-    runtime = DockerRuntime(settings, base_url=f"unix://{tmp_path}/no-engine.sock",
-                            call_timeout_s=5.0)
+    runtime = DockerRuntime(settings.controller, ControllerPlaces.of(settings),
+                            base_url=f"unix://{tmp_path}/no-engine.sock", call_timeout_s=5.0)
     return Harness(settings, runtime)
 
 
@@ -438,25 +438,33 @@ def test_a_command_that_cannot_start_is_retried_with_backoff(tmp_path: Path) -> 
     assert h.supervisor.delays[2] > h.supervisor.delays[0] / 2
 
 
-def test_health_durations_ignore_a_wall_clock_jump(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+class JumpingClock(Clock):
+    """The real clock, with a wall clock that a test sets ahead or back."""
+
+    def __init__(self) -> None:
+        self.jump_ms = 0
+
+    def now_ms(self) -> int:
+        return super().now_ms() + self.jump_ms
+
+
+def test_health_durations_ignore_a_wall_clock_jump(tmp_path: Path) -> None:
     """A device without a real-time clock boots with a wrong time and NTP moves it by
     years: the reported durations follow the monotonic clock only."""
-    from teg_gateway.controller import supervisor as module
-
-    h = Harness(make_settings(tmp_path, "healthy", health_timeout_s=30.0))
+    clock = JumpingClock()
+    h = Harness(make_settings(tmp_path, "healthy", health_timeout_s=30.0), clock=clock)
 
     async def scenario(h: Harness) -> None:
         await until(lambda: "ms_since_last_controller_health_check" in
                     h.supervisor.health_values())
         before = h.supervisor.health_values()
         ten_years_ms = 10 * 365 * 86_400_000
-        monkeypatch.setattr(module, "_wall_ms", lambda: time.time_ns() // 10**6 + ten_years_ms)
+        clock.jump_ms = ten_years_ms
         after = h.supervisor.health_values()
         assert after["ms_since_controller_startup"] - before["ms_since_controller_startup"] \
             < 60_000
         assert after["ms_since_last_controller_health_check"] < 60_000
-        monkeypatch.setattr(module, "_wall_ms", lambda: time.time_ns() // 10**6 - ten_years_ms)
+        clock.jump_ms = -ten_years_ms
         assert 0 <= h.supervisor.health_values()["ms_since_controller_startup"] < 60_000
 
     h.run(scenario)

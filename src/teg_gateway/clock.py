@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def now_ms() -> int:
@@ -33,6 +37,11 @@ class Clock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+    async def wait_for(self, awaitable: Awaitable[T], timeout_s: float) -> T:
+        """``awaitable``'s result; TimeoutError (and ``awaitable`` cancelled) when it takes
+        longer than ``timeout_s`` on this clock."""
+        return await asyncio.wait_for(awaitable, timeout_s)
 
 
 class FakeClock(Clock):
@@ -61,6 +70,22 @@ class FakeClock(Clock):
             await fut
         finally:
             self._sleepers = [(t, f) for t, f in self._sleepers if f is not fut]
+
+    async def wait_for(self, awaitable: Awaitable[T], timeout_s: float) -> T:
+        task = asyncio.ensure_future(awaitable)
+        timer = asyncio.ensure_future(self.sleep(timeout_s))
+        try:
+            await asyncio.wait({task, timer}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            timer.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+            raise TimeoutError
+        return task.result()
 
     def sleeping(self) -> int:
         """How many sleepers wait now."""

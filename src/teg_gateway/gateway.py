@@ -24,17 +24,18 @@ from types import FrameType
 from typing import Any
 
 from teg_gateway import __version__
-from teg_gateway.clock import Clock
-from teg_gateway.cloud import session as topics
+from teg_gateway.clock import Clock, now_ms
+from teg_gateway.cloud import topics
 from teg_gateway.cloud.forwarder import Forwarder
 from teg_gateway.cloud.limits import SessionLimits, payload_room
 from teg_gateway.cloud.provision import device_name, ensure_credentials
 from teg_gateway.cloud.session import CloudSession
+from teg_gateway.cloud.topics import TELEMETRY as TOPIC_TELEMETRY
 from teg_gateway.config import Settings, level_number
+from teg_gateway.controller.factory import make_runtime
 from teg_gateway.controller.intake import IntakeConfig, IntakePump, IntakeResult
 from teg_gateway.controller.queue import QUEUE_FILE
 from teg_gateway.controller.runtime import LOG_FILE_NAME as CONTROLLER_LOG_FILE
-from teg_gateway.controller.runtime import make_runtime
 from teg_gateway.controller.supervisor import Supervisor, controller_state_file
 from teg_gateway.datadir import prepare_data_dir
 from teg_gateway.local.bus import SERVICE_NAME, LocalBus
@@ -53,7 +54,7 @@ from teg_gateway.operations.rpc import RpcDispatcher
 from teg_gateway.operations.software import SoftwareOperation
 from teg_gateway.operations.update import Updates
 from teg_gateway.store.db import is_corruption, is_disk_full
-from teg_gateway.store.outbox import TELEMETRY, TOPIC_TELEMETRY, now_ms
+from teg_gateway.store.outbox import TELEMETRY
 from teg_gateway.store.state import cloud_state, state_dir
 from teg_gateway.store.stores import Stores
 from teg_gateway.systemd import Notifier, status_line
@@ -122,7 +123,7 @@ class Gateway:
         runtime = make_runtime(settings, controller_state)
         if runtime is not None:
             self.supervisor = Supervisor(
-                runtime, settings, controller_state,
+                runtime, settings.controller, controller_state,
                 last_health_check_ms=self._controller_health_check_ms,
                 report=self.report_telemetry,
                 request_sw_version=self._request_sw_version,

@@ -9,6 +9,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from teg_gateway.clock import ms
 from teg_gateway.store.outbox import telemetry_body
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class CloudLogHandler(logging.Handler):
                 text = text[:MAX_MESSAGE_CHARS] + "…"
             self._pending.append(telemetry_body(
                 {"severity": record.levelname, "message": PREFIX + text},
-                int(record.created * 1000)))
+                ms(record.created)))
         except Exception:
             self.handleError(record)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import socket
 import sqlite3
-import time
 from pathlib import Path
 
+from teg_gateway.clock import now_ms
 from teg_gateway.cloud import credentials
 from teg_gateway.config import Settings
 from teg_gateway.controller.queue import QUEUE_FILE
@@ -33,7 +33,7 @@ def _age(ms: int) -> str:
 
 
 def status_lines(settings: Settings) -> list[str]:
-    now = time.time_ns() // 1_000_000
+    now = now_ms()
     lines = [f"data directory: {settings.data_dir}"]
     try:
         creds = credentials.load(settings.access_token_path)

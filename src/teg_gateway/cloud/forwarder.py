@@ -13,9 +13,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from teg_gateway.cloud import topics
 from teg_gateway.cloud.session import CloudSession
 from teg_gateway.mqttlink import ConnectionLost, MqttConnection
-from teg_gateway.store.outbox import TELEMETRY, TOPIC_TELEMETRY, Batch, Outbox
+from teg_gateway.store.outbox import TELEMETRY, Batch, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class Forwarder:
         long the next batch must wait for its tokens (0: nothing waits)."""
         pacer = self.session.pacer
         max_inflight = pacer.max_inflight(self.max_inflight)
-        max_bytes = pacer.payload_limit(TOPIC_TELEMETRY, self.max_payload_bytes)
+        max_bytes = pacer.payload_limit(topics.TELEMETRY, self.max_payload_bytes)
         max_points = pacer.max_points()
         while not self.paused and len(self._inflight) < max_inflight:
             batch = self.outbox.next_batch(max_bytes, max_points)

@@ -20,16 +20,13 @@ from typing import Any
 
 from teg_gateway.backoff import Backoff
 from teg_gateway.cloud import credentials as creds_mod
+from teg_gateway.cloud import topics
 from teg_gateway.cloud.credentials import Credentials, CredentialsError
 from teg_gateway.config import Settings
 from teg_gateway.fsutil import fsync_dir
 from teg_gateway.mqttlink import ConnectionLost, ConnectRefused, MqttConnection, tls_context
 
 log = logging.getLogger(__name__)
-
-REQUEST_TOPIC = "/provision/request"
-RESPONSE_TOPIC = "/provision/response"
-
 
 # Host names many devices share (stock images): a fleet must not provision them all as one
 # ThingsBoard device.
@@ -72,17 +69,17 @@ async def request_credentials(settings: Settings, name: str) -> dict[str, Any] |
     answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
     def on_message(topic: str, payload: bytes) -> None:
-        if topic == RESPONSE_TOPIC and not answer.done():
+        if topic == topics.PROVISION_RESPONSE and not answer.done():
             answer.set_result(payload)
 
     conn = MqttConnection(f"provision-{name}", username="provision", tls=cloud_tls(settings),
                           keepalive=tb.keepalive_s, on_message=on_message)
     try:
         await conn.connect(tb.host, tb.port, timeout=tb.provision_timeout_s)
-        await conn.subscribe([RESPONSE_TOPIC], timeout=tb.provision_timeout_s)
+        await conn.subscribe([topics.PROVISION_RESPONSE], timeout=tb.provision_timeout_s)
         request = {"deviceName": name, "provisionDeviceKey": tb.provision_device_key,
                    "provisionDeviceSecret": tb.provision_device_secret}
-        await asyncio.wait_for(conn.publish(REQUEST_TOPIC, json.dumps(request)),
+        await asyncio.wait_for(conn.publish(topics.PROVISION_REQUEST, json.dumps(request)),
                                tb.provision_timeout_s)
         payload = await asyncio.wait_for(answer, tb.provision_timeout_s)
     finally:

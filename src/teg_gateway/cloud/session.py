@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from teg_gateway.backoff import Backoff
+from teg_gateway.clock import now_ms
+from teg_gateway.cloud import topics
 from teg_gateway.cloud.credentials import Credentials
 from teg_gateway.cloud.limits import Pacer, SessionLimits
 from teg_gateway.cloud.provision import cloud_tls, describe_error
@@ -26,15 +27,6 @@ from teg_gateway.mqttlink import (
 from teg_gateway.store.state import StateFile
 
 log = logging.getLogger(__name__)
-
-RPC_REQUEST = "v1/devices/me/rpc/request/"
-RPC_RESPONSE = "v1/devices/me/rpc/response/"
-ATTRIBUTES = "v1/devices/me/attributes"
-ATTRIBUTE_REQUEST = "v1/devices/me/attributes/request/"
-ATTRIBUTE_RESPONSE = "v1/devices/me/attributes/response/"
-
-BASE_SUBSCRIPTIONS = (RPC_REQUEST + "+", RPC_RESPONSE + "+", ATTRIBUTES,
-                      ATTRIBUTE_RESPONSE + "+")
 
 # How long to wait for the answer to getSessionLimits; an older server never answers.
 SESSION_LIMITS_WAIT_S = 3.0
@@ -75,7 +67,7 @@ class CloudSession:
         self._client_rpc: dict[str, tuple[asyncio.Future[Any], bytes]] = {}
         self._operations: deque[tuple[str, bytes | str, int, asyncio.Future[None]]] = deque()
         self._operations_timer: asyncio.TimerHandle | None = None
-        self.subscriptions: list[str] = list(BASE_SUBSCRIPTIONS)
+        self.subscriptions: list[str] = list(topics.SESSION_SUBSCRIPTIONS)
         self.shared_keys: list[str] = ["sw_title", "sw_version", "FILES"]
         self.on_connect: list[Callable[[], None]] = []
         self.on_disconnect: list[Callable[[], None]] = []
@@ -126,7 +118,7 @@ class CloudSession:
         self.connected.set()
         self.last_error = ""
         log.info("ThingsBoard: connected to %s:%d", tb.host, tb.port)
-        self.state.update(last_result="connected", last_connected_ms=time.time_ns() // 10**6,
+        self.state.update(last_result="connected", last_connected_ms=now_ms(),
                           host=tb.host, port=tb.port)
         limits = asyncio.ensure_future(self._resolve_limits())
         self.request_shared_attributes(self.shared_keys)
@@ -149,7 +141,7 @@ class CloudSession:
         if self._stopping.is_set():
             await conn.close("gateway shutting down")
             self.state.update(last_result="disconnected: the gateway stopped",
-                              last_failure_ms=time.time_ns() // 10**6)
+                              last_failure_ms=now_ms())
             return None
         await conn.close()
         if conn.closed_by_gateway or not conn.unacked_at_close:
@@ -207,20 +199,20 @@ class CloudSession:
         request = json.dumps({"method": method, "params": params}).encode()
         self._client_rpc[request_id] = (answer, request)
         try:
-            await self.publish(RPC_REQUEST + request_id, request)
+            await self.publish(topics.RPC_REQUEST + request_id, request)
             return await answer
         finally:
             self._client_rpc.pop(request_id, None)
 
     def _route(self, topic: str, payload: bytes) -> None:
-        if topic.startswith(RPC_REQUEST):
-            pending = self._client_rpc.get(topic[len(RPC_REQUEST):])
+        if topic.startswith(topics.RPC_REQUEST):
+            pending = self._client_rpc.get(topic[len(topics.RPC_REQUEST):])
             if pending is not None and pending[1] == payload:
                 # Our own request, routed back by a broker (ThingsBoard never does that):
                 # not a command from the server.
                 return
-        if topic.startswith(RPC_RESPONSE):
-            request_id = topic[len(RPC_RESPONSE):]
+        if topic.startswith(topics.RPC_RESPONSE):
+            request_id = topic[len(topics.RPC_RESPONSE):]
             answer = self._client_rpc.get(request_id, (None, b""))[0]
             if answer is None or answer.done():
                 log.debug("answer to an unknown client-side RPC %.50s ignored", request_id)
@@ -235,7 +227,7 @@ class CloudSession:
     def _record_failure(self, text: str, serious: bool) -> None:
         self.last_error = text
         log.log(logging.ERROR if serious else logging.WARNING, "ThingsBoard: %s", text)
-        self.state.update(last_result=text, last_failure_ms=time.time_ns() // 10**6)
+        self.state.update(last_result=text, last_failure_ms=now_ms())
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> asyncio.Future[None]:
         """Publish an operation's message on the current connection, paced under the
@@ -290,7 +282,8 @@ class CloudSession:
         Returns the request id."""
         self._request_id += 1
         request = {"sharedKeys": ",".join(keys)}
-        fut = self.publish(ATTRIBUTE_REQUEST + str(self._request_id), json.dumps(request))
+        fut = self.publish(topics.ATTRIBUTE_REQUEST + str(self._request_id),
+                           json.dumps(request))
         fut.add_done_callback(_ignore_result)
         return self._request_id
 

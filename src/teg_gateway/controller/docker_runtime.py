@@ -25,13 +25,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from teg_gateway.config import Settings
-from teg_gateway.controller.runtime import (
-    ControllerStartError,
-    ControllerUnavailable,
-    check_version,
-    export_version,
-)
+from teg_gateway.clock import Clock, ms
+from teg_gateway.config import ControllerSettings
+from teg_gateway.controller.runtime import ControllerStartError, ControllerUnavailable
+from teg_gateway.controller.versions import ControllerPlaces, check_version, export_from_git
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +58,7 @@ def parse_docker_time(text: str | None) -> int | None:
     base, fraction, zone = match.groups()
     zone = "+00:00" if zone == "Z" else zone
     stamp = datetime.fromisoformat(f"{base}.{(fraction or '0')[:6].ljust(6, '0')}{zone}")
-    return int(stamp.timestamp() * 1000)
+    return ms(stamp.timestamp())
 
 
 def build_output(items: Any) -> list[str]:
@@ -89,10 +86,13 @@ class DockerRuntime:
     requires_version = True
     stop_on_shutdown_default = False
 
-    def __init__(self, settings: Settings, *, base_url: str | None = None,
-                 call_timeout_s: float = 30.0, build_timeout_s: float = 1800.0,
-                 git_timeout_s: float = 300.0) -> None:
+    def __init__(self, settings: ControllerSettings, places: ControllerPlaces, *,
+                 base_url: str | None = None, call_timeout_s: float = 30.0,
+                 build_timeout_s: float = 1800.0, git_timeout_s: float = 300.0,
+                 clock: Clock | None = None) -> None:
         self.settings = settings
+        self.places = places
+        self.clock = clock or Clock()
         self.base_url = base_url
         self.call_timeout_s = call_timeout_s
         self.build_timeout_s = build_timeout_s
@@ -201,9 +201,9 @@ class DockerRuntime:
         old = await self._find()
         if old is not None:
             await self._call(old.remove, force=True)
-        ctl = self.settings.controller
-        data = self.settings.controller_data_dir
-        logs = self.settings.controller_logs_dir
+        ctl = self.settings
+        data = self.places.data_dir
+        logs = self.places.logs_dir
         data.mkdir(parents=True, exist_ok=True)
         logs.mkdir(parents=True, exist_ok=True)
         volumes = {str(data): {"bind": str(data), "mode": "rw"}}
@@ -233,7 +233,7 @@ class DockerRuntime:
             return
         except self._sdk.errors.ImageNotFound:
             pass
-        source = await export_version(self.settings, version, self.git_timeout_s)
+        source = await export_from_git(self.places, version, self.git_timeout_s)
         context, dockerfile = self.build_context(source)
         log.info("building controller image %s from %s (%s)", image, context, dockerfile)
         try:
@@ -279,11 +279,11 @@ class DockerRuntime:
         place inside the export; the default ``<git>/docker`` falls back to the export's
         root when the version has no ``docker`` directory.
         """
-        paths = self.settings.paths
-        dockerfile = paths.controller_dockerfile or "Dockerfile"
-        if paths.controller_dockercontext:
-            wanted = Path(os.path.normpath(paths.controller_dockercontext))
-            git = Path(os.path.normpath(paths.controller_git)) if paths.controller_git else None
+        places = self.places
+        dockerfile = places.dockerfile or "Dockerfile"
+        if places.docker_context:
+            wanted = Path(os.path.normpath(places.docker_context))
+            git = Path(os.path.normpath(places.git_repo)) if places.git_repo else None
             if git is not None and wanted.is_relative_to(git):
                 return source / wanted.relative_to(git), dockerfile
             if not wanted.is_absolute():
@@ -313,7 +313,7 @@ class DockerRuntime:
 
     async def wait(self, timeout_s: float) -> None:
         # Polled: a container's exit is noticed at the supervisor's next check.
-        await asyncio.sleep(timeout_s)
+        await self.clock.sleep(timeout_s)
 
     def started_at_ms(self) -> int | None:
         return self._started_ms

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from teg_gateway.clock import now_ms
 from teg_gateway.controller import watch
 from teg_gateway.controller.queue import (
     BATCH_TABLE,
@@ -50,7 +51,8 @@ from teg_gateway.controller.queue import (
     queue_damaged,
 )
 from teg_gateway.store import db, deadletters
-from teg_gateway.store.outbox import TELEMETRY, add_counter, now_ms, used_bytes
+from teg_gateway.store.db import add_counter, used_bytes
+from teg_gateway.store.outbox import TELEMETRY
 
 log = logging.getLogger(__name__)
 

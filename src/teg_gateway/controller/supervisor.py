@@ -26,21 +26,21 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
 from teg_gateway.backoff import Backoff
-from teg_gateway.config import Settings
+from teg_gateway.clock import Clock
+from teg_gateway.config import ControllerSettings, Settings
 from teg_gateway.controller.runtime import (
     ControllerError,
     ControllerRuntime,
     ControllerStartError,
     ControllerUnavailable,
-    check_version,
     describe_exit,
     stop_on_shutdown,
 )
+from teg_gateway.controller.versions import check_version
 from teg_gateway.store.state import StateFile, state_dir
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,6 @@ def controller_state_file(settings: Settings) -> StateFile:
     return StateFile(state_dir(settings.data_dir) / "controller.json")
 
 
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class Supervisor:
     """Starts, watches and restarts the controller; see the module docstring.
 
@@ -74,20 +70,21 @@ class Supervisor:
     epoch, 0 when none); ``report`` sends telemetry; ``request_sw_version`` asks
     ThingsBoard for the shared attribute ``sw_version``; ``ask_health`` asks the
     controller's service on the local bus for its health (a health check command) once
-    it has been silent for half the health timeout; ``clock`` is monotonic seconds.
+    it has been silent for half the health timeout. Every delay, timeout and duration
+    (backoff, ``healthy_after_s``, the health timeout) is measured on ``clock``.
     """
 
     def __init__(
         self,
         runtime: ControllerRuntime,
-        settings: Settings,
+        settings: ControllerSettings,
         state: StateFile,
         *,
         last_health_check_ms: Callable[[], int],
         report: Callable[[dict[str, Any]], None],
         request_sw_version: Callable[[], None],
         ask_health: Callable[[], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
         check_interval_s: float = CHECK_INTERVAL_S,
         no_version_retry_s: float = NO_VERSION_RETRY_S,
         rng: random.Random | None = None,
@@ -100,11 +97,10 @@ class Supervisor:
         self._request_sw_version = request_sw_version
         self._ask_health = ask_health
         self._last_ask: float | None = None
-        self.clock = clock
+        self.clock = clock or Clock()
         self.check_interval_s = check_interval_s
         self.no_version_retry_s = no_version_retry_s
-        ctl = settings.controller
-        self.backoff = Backoff(ctl.restart_min_s, ctl.restart_max_s, rng)
+        self.backoff = Backoff(settings.restart_min_s, settings.restart_max_s, rng)
         #: Every restart delay chosen, in order (seconds).
         self.delays: list[float] = []
         #: Failures (crash, hang, failed start) since the last healthy run.
@@ -155,7 +151,7 @@ class Supervisor:
         each present only when known. Both are measured on the monotonic clock, so a
         jump of the wall clock (NTP setting the time of a device without a real-time
         clock) does not change them."""
-        now = self.clock()
+        now = self.clock.monotonic()
         values: dict[str, int] = {}
         if self._run_started is not None and self.started_at_ms() is not None:
             values["ms_since_controller_startup"] = int(
@@ -168,7 +164,7 @@ class Supervisor:
     def note_health(self, status: str, ts_ms: int | None = None) -> None:
         """A ``status/health`` message of the controller's service on the local bus."""
         if status == "up":
-            self._signal(ts_ms or _wall_ms())
+            self._signal(ts_ms or self.clock.now_ms())
         elif status != self._bus_status:
             log.info("controller service reports %r on the local bus", status)
         self._bus_status = status
@@ -177,7 +173,7 @@ class Supervisor:
         """Wait for the first health signal of the current run (OTA: did the new version
         come up?); False after ``timeout_s``."""
         try:
-            await asyncio.wait_for(self._healthy.wait(), timeout_s)
+            await self.clock.wait_for(self._healthy.wait(), timeout_s)
         except TimeoutError:
             return False
         return True
@@ -234,7 +230,7 @@ class Supervisor:
 
     async def _stop_and_start_locked(self) -> bool:
         try:
-            await self.runtime.stop(self.settings.controller.stop_grace_s)
+            await self.runtime.stop(self.settings.stop_grace_s)
             self._run_ended()
             self._first = False
             return await self._start_locked()
@@ -254,7 +250,7 @@ class Supervisor:
                          self.runtime.describe())
                 return
             try:
-                await self.runtime.stop(self.settings.controller.stop_grace_s)
+                await self.runtime.stop(self.settings.stop_grace_s)
             except ControllerError as exc:
                 log.error("could not stop the controller: %s", exc)
                 return
@@ -290,8 +286,9 @@ class Supervisor:
                 if not self._hung():
                     return
                 kind = HUNG
-                silent = self.clock() - max(self._run_started, self._last_signal or 0.0)
-                await self.runtime.stop(self.settings.controller.stop_grace_s)
+                silent = self.clock.monotonic() - max(self._run_started,
+                                                      self._last_signal or 0.0)
+                await self.runtime.stop(self.settings.stop_grace_s)
                 self._last_exit_text = (f"hung: no health signal for {silent:.0f} s; "
                                         f"stopped ({describe_exit(self.runtime.last_exit())})")
                 log.error("controller hung (no health signal for %.0f s): restarting it",
@@ -353,7 +350,7 @@ class Supervisor:
         if found and self._version and found != self._version:
             log.warning("controller runs version %s, but %s is the launched one: restarting",
                         found, self._version)
-            await self.runtime.stop(self.settings.controller.stop_grace_s)
+            await self.runtime.stop(self.settings.stop_grace_s)
             await self._start_locked()
             return
         log.info("controller already running (%s, version %s): supervising it",
@@ -386,16 +383,17 @@ class Supervisor:
         self._ever_started = True
         self._run_begun()
         self.state_file.update(version=self._version, restarts=self.restarts,
-                               launched_ms=_wall_ms())
+                               launched_ms=self.clock.now_ms())
         self._report(RUNNING)
         return True
 
     def _run_begun(self) -> None:
-        self._run_started = self.clock()
+        self._run_started = self.clock.monotonic()
         # How long the controller had been running when this run was taken up (a
         # container kept across a gateway restart): read from the wall clock once.
         started_ms = self.runtime.started_at_ms()
-        self._age_at_run_start_ms = max(0, _wall_ms() - started_ms) if started_ms else 0
+        self._age_at_run_start_ms = (max(0, self.clock.now_ms() - started_ms) if started_ms
+                                     else 0)
         self._signal_since_start = False
         self._healthy_this_run = False
         self._healthy.clear()
@@ -406,7 +404,7 @@ class Supervisor:
     # -- health ---------------------------------------------------------------------------
 
     def _signal(self, ts_ms: int) -> None:
-        self._last_signal = self.clock()
+        self._last_signal = self.clock.monotonic()
         self._last_signal_ms = ts_ms
         if self._run_started is not None:
             self._signal_since_start = True
@@ -431,8 +429,8 @@ class Supervisor:
         backoff once the run has been healthy for ``healthy_after_s``."""
         assert self._run_started is not None
         self._observe_db()
-        now = self.clock()
-        ctl = self.settings.controller
+        now = self.clock.monotonic()
+        ctl = self.settings
         if (not self._healthy_this_run and self._signal_since_start
                 and now - self._run_started >= ctl.healthy_after_s):
             self._healthy_this_run = True
@@ -460,7 +458,7 @@ class Supervisor:
     def _resolve_version(self) -> str | None:
         saved = self.state_file.read().get("version")
         for candidate, where in ((saved, "the state file"),
-                                 (self.settings.controller.default_version,
+                                 (self.settings.default_version,
                                   "controller.default_version")):
             if isinstance(candidate, str) and candidate:
                 try:
@@ -497,7 +495,7 @@ class Supervisor:
         """Sleep, cut short by restart_now, switch_version or shutdown."""
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            await self.clock.wait_for(self._wake.wait(), seconds)
 
     def _report(self, state: str, **extra: Any) -> None:
         self.state = state
@@ -515,6 +513,6 @@ class Supervisor:
             log.exception("controller state could not be reported")
         try:
             self.state_file.update(state=state, last_exit=self._last_exit_text,
-                                   updated_ms=_wall_ms())
+                                   updated_ms=self.clock.now_ms())
         except OSError as exc:
             log.error("controller state file %s: cannot write: %s", self.state_file.path, exc)

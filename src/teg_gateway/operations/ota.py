@@ -24,14 +24,17 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from teg_gateway.bounds import clip
+from teg_gateway.cloud.topics import OTA_ERRORS as ERROR_TOPICS
+from teg_gateway.cloud.topics import SW_CHUNK_REQUEST as CHUNK_REQUEST
+from teg_gateway.cloud.topics import SW_CHUNK_RESPONSE as CHUNK_RESPONSE
+from teg_gateway.cloud.topics import SW_CHUNK_RESPONSE_RE as _CHUNK_TOPIC
 from teg_gateway.config import Settings
-from teg_gateway.controller.runtime import check_version
+from teg_gateway.controller.versions import check_version
 from teg_gateway.operations.engine import Command, Operation
 from teg_gateway.operations.packages import OtaError
 from teg_gateway.operations.update import (
@@ -48,12 +51,8 @@ log = logging.getLogger(__name__)
 #: The shared attributes OTA needs, asked for on every connect.
 SHARED_KEYS = ("sw_title", "sw_version", "sw_size", "sw_checksum", "sw_checksum_algorithm",
                "sw_url")
-CHUNK_RESPONSE = "v2/sw/response/"
-CHUNK_REQUEST = "v2/sw/request/"
-ERROR_TOPICS = ("v2/fw/error", "v2/sw/error")
 FSYNC_EVERY_BYTES = 1024 * 1024
 MAX_URL_CHARS = 4096
-_CHUNK_TOPIC = re.compile(r"^v2/sw/response/([^/]+)/chunk/(\d+)$")
 
 Publish = Callable[[str, bytes | str], "asyncio.Future[None]"]
 

@@ -34,7 +34,8 @@ from typing import Any
 
 from teg_gateway.bounds import clip
 from teg_gateway.clock import Clock
-from teg_gateway.controller.runtime import ControllerError, check_version, version_dir
+from teg_gateway.controller.runtime import ControllerError
+from teg_gateway.controller.versions import check_version, version_dir
 from teg_gateway.local.topics import command_topic
 from teg_gateway.operations.engine import (
     Command,

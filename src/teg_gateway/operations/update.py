@@ -39,14 +39,9 @@ from typing import Any
 from teg_gateway.bounds import clip
 from teg_gateway.clock import Clock
 from teg_gateway.config import Settings
-from teg_gateway.controller.runtime import (
-    ControllerError,
-    describe_exit,
-    export_version,
-    version_dir,
-    versions_dir,
-)
+from teg_gateway.controller.runtime import ControllerError, describe_exit
 from teg_gateway.controller.supervisor import RUNNING, Supervisor
+from teg_gateway.controller.versions import export_version, version_dir, versions_dir
 from teg_gateway.fsutil import fsync_dir
 from teg_gateway.operations.download import DownloadError, UrlDownload, check_url, tls_context
 from teg_gateway.operations.engine import (

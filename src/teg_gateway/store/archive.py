@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import datetime
 import sqlite3
-import time
 
 from teg_gateway import BUILD_DATE
-from teg_gateway.store.outbox import TELEMETRY, now_ms, transaction, used_bytes
+from teg_gateway.clock import ms, now_ms
+from teg_gateway.store.db import transaction, used_bytes
+from teg_gateway.store.outbox import TELEMETRY
 
 SCHEMA = """
 PRAGMA auto_vacuum = INCREMENTAL;
@@ -25,8 +26,8 @@ CREATE INDEX IF NOT EXISTS records_ts ON records (ts);
 """
 
 DAY_MS = 86_400_000
-BUILD_MS = int(datetime.datetime.fromisoformat(BUILD_DATE).replace(
-    tzinfo=datetime.UTC).timestamp() * 1000)
+BUILD_MS = ms(datetime.datetime.fromisoformat(BUILD_DATE).replace(
+    tzinfo=datetime.UTC).timestamp())
 
 
 class Archive:
@@ -70,7 +71,7 @@ class Archive:
         a clock set years ahead must not empty the archive, one back in 1970 does nothing.
         """
         removed = 0
-        reference = self.retention_reference_ms(time.time() if now is None else now)
+        reference = self.retention_reference_ms(now_ms() if now is None else ms(now))
         if reference is not None:
             cutoff = int(reference - max_age_days * DAY_MS)
             with transaction(self.conn):
@@ -92,9 +93,8 @@ class Archive:
         return removed
 
 
-    def retention_reference_ms(self, wall_s: float) -> int | None:
+    def retention_reference_ms(self, wall_ms: int) -> int | None:
         """The time the retention counts back from, None when the clock is not plausible."""
-        wall_ms = int(wall_s * 1000)
         row = self.conn.execute(f"SELECT max(ts) FROM {self.schema}.records").fetchone()
         newest = row[0] if row and isinstance(row[0], int) else None
         if wall_ms < BUILD_MS or newest is None or wall_ms < newest:

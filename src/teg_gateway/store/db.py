@@ -115,10 +115,6 @@ def open_checked(path: Path, schema_sql: str, *, synchronous: str = "FULL",
 # -- small helpers shared by the stores ----------------------------------------------
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class transaction:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
 

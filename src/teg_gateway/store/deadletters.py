@@ -13,7 +13,8 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from teg_gateway.store.db import add_counter, now_ms, transaction, used_bytes
+from teg_gateway.clock import now_ms
+from teg_gateway.store.db import add_counter, transaction, used_bytes
 
 # Default cap of the dead letters (outbox.dead_letters_mb).
 DEAD_LETTER_CAP_BYTES = 8 * 1024 * 1024

@@ -13,18 +13,16 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from teg_gateway.clock import now_ms
+from teg_gateway.cloud import topics
 from teg_gateway.store import deadletters
-from teg_gateway.store.db import add_counter, get_counter, now_ms, transaction, used_bytes
+from teg_gateway.store.db import add_counter, get_counter, transaction, used_bytes
 from teg_gateway.store.deadletters import DEAD_LETTER_CAP_BYTES, dead_letter_bytes
-
-__all__ = ["add_counter", "get_counter", "now_ms", "transaction", "used_bytes"]
 
 TELEMETRY = 0
 ATTRIBUTES = 1
 
-TOPIC_TELEMETRY = "v1/devices/me/telemetry"
-TOPIC_ATTRIBUTES = "v1/devices/me/attributes"
-TOPICS = {TELEMETRY: TOPIC_TELEMETRY, ATTRIBUTES: TOPIC_ATTRIBUTES}
+TOPICS = {TELEMETRY: topics.TELEMETRY, ATTRIBUTES: topics.ATTRIBUTES}
 KIND_NAMES = {TELEMETRY: "telemetry", ATTRIBUTES: "attributes"}
 
 # Data points of a stored telemetry record, as ThingsBoard counts them (one per key of

@@ -17,7 +17,8 @@ from teg_gateway.store import archive as archive_mod
 from teg_gateway.store import db, deadletters
 from teg_gateway.store import outbox as outbox_mod
 from teg_gateway.store.archive import Archive
-from teg_gateway.store.outbox import Outbox, add_counter, transaction
+from teg_gateway.store.db import add_counter, transaction
+from teg_gateway.store.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
