@@ -9,7 +9,7 @@ Three kinds of release:
 - a package stored elsewhere (``sw_url``): fetched over https (``download.py``), and
   verified when a checksum comes with it;
 - a *git release* (no checksum, ``TEG_CONTROLLER_GIT_PATH`` set): ``sw_version`` is a tag
-  or commit, exported by ``runtime.export_version``.
+  or commit, exported by ``versions.export_version``.
 
 What happens then (verify, unpack, switch, health window, rollback) is the update
 pipeline in ``update.py``, shared with the local bus's ``software_update``. The version
