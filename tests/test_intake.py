@@ -182,7 +182,8 @@ def test_any_integer_ts_is_forwarded_as_written(stores: Stores, writer: QueueWri
 
 @pytest.mark.parametrize(("message", "body"), [
     # ThingsBoard's shape: kept as the controller wrote it, whitespace and key order too
-    ('{"ts": 5, "values": {"a": 1.50, "b": "x y"}}', '{"ts": 5, "values": {"a": 1.50, "b": "x y"}}'),
+    ('{"ts": 5, "values": {"a": 1.50, "b": "x y"}}',
+     '{"ts": 5, "values": {"a": 1.50, "b": "x y"}}'),
     ('{"values":{"a":1},"ts":-0}', '{"values":{"a":1},"ts":-0}'),
     # anything more: rebuilt from the first ts and the first values
     ('{"ts":5,"values":{"a":1},"extra":{"b":2}}', '{"ts":5,"values":{"a":1}}'),
