@@ -64,3 +64,17 @@ def test_a_broker_that_goes_away_ends_the_connection_and_its_publishes(
         await conn.close()  # closing a lost connection again is harmless
 
     asyncio.run(run())
+
+
+def test_keepalive_pings_go_out_from_the_loop(broker: Mosquitto, pki: Pki) -> None:
+    """With a 1 s keepalive and nothing to send, the broker closes a silent client within
+    a few seconds (it checks keepalives coarsely): the loop's timer sends the pings."""
+    async def run() -> None:
+        conn = MqttConnection("quiet", tls=tls_context(str(pki.ca_cert)), keepalive=1)
+        await conn.connect(broker.tls_hostname, broker.tls_port, timeout=10)
+        await asyncio.sleep(10)
+        assert not conn.closed.is_set(), conn.close_reason
+        await asyncio.wait_for(conn.publish("t/a", b"1"), 10)
+        await conn.close()
+
+    asyncio.run(run())

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
 
-# How often paho's keepalive bookkeeping runs (a PINGREQ goes out at most this late).
+# How often paho's keepalive bookkeeping runs (a PINGREQ goes out at most this late; at
+# most half the keepalive).
 MISC_EVERY_S = 5.0
 
 
@@ -135,7 +136,7 @@ class MqttConnection:
             raise ConnectionLost(self.close_reason or "the connection closed")
         self._fd = sock.fileno()
         self._loop.add_reader(self._fd, self._readable)
-        self._misc = self._loop.call_later(MISC_EVERY_S, self._tick)
+        self._misc = self._loop.call_later(self._misc_every_s(), self._tick)
         self._flush()  # the CONNECT may not be written completely yet
 
     def _detach(self) -> None:
@@ -185,12 +186,15 @@ class MqttConnection:
                 self._loop.remove_writer(self._fd)
             self._writing = want
 
+    def _misc_every_s(self) -> float:
+        return min(MISC_EVERY_S, max(0.5, self.keepalive / 2))
+
     def _tick(self) -> None:
         self._misc = None
         self.client.loop_misc()
         if self._fd >= 0:
             self._flush()
-            self._misc = self._loop.call_later(MISC_EVERY_S, self._tick)
+            self._misc = self._loop.call_later(self._misc_every_s(), self._tick)
 
     def _thread_on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
                            _p: Any) -> None:
