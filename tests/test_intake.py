@@ -180,6 +180,26 @@ def test_any_integer_ts_is_forwarded_as_written(stores: Stores, writer: QueueWri
     assert body == message
 
 
+@pytest.mark.parametrize(("message", "body"), [
+    # ThingsBoard's shape: kept as the controller wrote it, whitespace and key order too
+    ('{"ts": 5, "values": {"a": 1.50, "b": "x y"}}',
+     '{"ts": 5, "values": {"a": 1.50, "b": "x y"}}'),
+    ('{"values":{"a":1},"ts":-0}', '{"values":{"a":1},"ts":-0}'),
+    # anything more: rebuilt from the first ts and the first values
+    ('{"ts":5,"values":{"a":1},"extra":{"b":2}}', '{"ts":5,"values":{"a":1}}'),
+    ('{"ts":5,"values":{"a":1},"ts":"x"}', '{"ts":5,"values":{"a":1}}'),
+    ('{"ts":5,"values":{"a":1},"values":{"b":[2, 3]}}', '{"ts":5,"values":{"a":1}}'),
+])
+def test_a_record_of_thingsboards_shape_is_kept_as_written_others_are_rebuilt(
+        stores: Stores, writer: QueueWriter, message: str, body: str) -> None:
+    insert_raw(writer, [("telemetry", message)])
+    result = make_core(stores, writer).step()
+    assert (result.forwarded, result.dead) == (1, 0)
+    assert stores.conn.execute("SELECT body FROM outbox").fetchone() == (body,)
+    assert stores.conn.execute("SELECT ts, body FROM archive.records").fetchone() == (
+        5 if '"ts":-0' not in message else 0, body)
+
+
 @pytest.mark.parametrize("ts", ["9223372036854775808", "99999999999999999999",
                                 "-9223372036854775809"])
 def test_a_ts_beyond_64_bits_is_a_dead_letter(stores: Stores, writer: QueueWriter,

@@ -254,7 +254,8 @@ def test_record_too_large_for_one_publish_goes_to_dead_letter(
     fits = json.dumps({"ts": 5, "values": {"seq": 1, "pad": "x" * 900}})
     # The largest record that fits: its array of one is exactly `limit` bytes.
     body = json.dumps({"ts": 6, "values": {"seq": 2, "pad": ""}}, separators=(",", ":"))
-    exact = json.dumps({"ts": 6, "values": {"seq": 2, "pad": "x" * (limit - 2 - len(body))}})
+    exact = json.dumps({"ts": 6, "values": {"seq": 2, "pad": "x" * (limit - 2 - len(body))}},
+                       separators=(",", ":"))  # kept as written: its body is this text
     too_big = json.dumps({"ts": 7, "values": {"seq": 3, "pad": "é" * 600}})
     writer.write([good(0), ("telemetry", fits), ("telemetry", exact), ("telemetry", too_big),
                   good(4)])

@@ -1,10 +1,13 @@
-"""One MQTT connection (a paho-mqtt client) bridged into the asyncio event loop.
+"""One MQTT connection (a paho-mqtt client) driven by the asyncio event loop.
 
-paho runs the socket in its own thread (``loop_start``); every callback is handed to the
-event loop with ``call_soon_threadsafe``, so all gateway logic stays on one thread. A
-connection object lives for one network connection only: paho's own reconnect is off,
-and the owner makes a new one (with its own backoff) after a loss. Unacknowledged
-publishes are therefore never resent by paho behind the outbox's back.
+paho has no network thread here: once connected, the event loop watches its socket
+(``loop_read`` when readable, ``loop_write`` while paho has bytes queued, ``loop_misc`` on
+a timer for the keepalive), a publish is written at once from the loop, and paho's
+callbacks, which then run on the loop's thread, are queued with ``call_soon``. Only the
+blocking connect (TCP and TLS handshake) runs in a worker thread. A connection object
+lives for one network connection only: paho's own reconnect is off, and the owner makes
+a new one (with its own backoff) after a loss. Unacknowledged publishes are therefore
+never resent by paho behind the outbox's back.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +32,10 @@ from teg_gateway.backoff import Backoff
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
+
+# How often paho's keepalive bookkeeping runs (a PINGREQ goes out at most this late; at
+# most half the keepalive).
+MISC_EVERY_S = 5.0
 
 
 class ConnectionLost(Exception):
@@ -98,19 +106,95 @@ class MqttConnection:
         self.unacked_at_close = 0
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._subacks: dict[int, asyncio.Future[list[int]]] = {}
+        self._loop_thread = threading.get_ident()
+        self._fd = -1  # the socket the loop watches (-1: none)
+        self._writing = False
+        self._misc: asyncio.TimerHandle | None = None
         c = self.client
         c.on_connect = self._thread_on_connect
         c.on_disconnect = self._thread_on_disconnect
         c.on_publish = self._thread_on_publish
         c.on_subscribe = self._thread_on_subscribe
         c.on_message = self._thread_on_message
+        c.on_socket_close = self._on_socket_close
 
-    # -- paho thread side: hand everything over to the event loop ------------------------
+    # -- paho's callbacks: queued on the event loop -------------------------------------
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         # RuntimeError: the event loop is closed, nobody is listening any more.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(fn, *args)
+            if threading.get_ident() == self._loop_thread:
+                self._loop.call_soon(fn, *args)
+            else:
+                self._loop.call_soon_threadsafe(fn, *args)
+
+    # -- paho's socket, watched by the event loop -------------------------------------------
+
+    def _attach(self) -> None:
+        sock = self.client.socket()
+        if sock is None:
+            raise ConnectionLost(self.close_reason or "the connection closed")
+        self._fd = sock.fileno()
+        self._loop.add_reader(self._fd, self._readable)
+        self._misc = self._loop.call_later(self._misc_every_s(), self._tick)
+        self._flush()  # the CONNECT may not be written completely yet
+
+    def _detach(self) -> None:
+        if self._misc is not None:
+            self._misc.cancel()
+            self._misc = None
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            self._loop.remove_reader(fd)
+            if self._writing:
+                self._loop.remove_writer(fd)
+        self._writing = False
+
+    def _on_socket_close(self, _c: mqtt.Client, _u: Any, sock: Any) -> None:
+        # Called by paho just before it closes the socket (on the loop's thread once
+        # attached): stop watching it first.
+        if self._fd >= 0 and threading.get_ident() == self._loop_thread:
+            self._detach()
+
+    def _readable(self) -> None:
+        client = self.client
+        rc = client.loop_read()
+        sock = client.socket()
+        # With TLS, records already read and decrypted wait in the SSL object, where the
+        # socket's readiness does not show them.
+        while (rc == MQTTErrorCode.MQTT_ERR_SUCCESS and isinstance(sock, ssl.SSLSocket)
+               and sock.pending() and client.socket() is sock):
+            rc = client.loop_read()
+        self._flush()
+
+    def _writable(self) -> None:
+        self.client.loop_write()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write what paho has queued; watch for writability while some is left."""
+        client = self.client
+        if self._fd < 0:
+            return
+        if client.want_write():
+            client.loop_write()
+        want = self._fd >= 0 and client.want_write()
+        if want != self._writing:
+            if want:
+                self._loop.add_writer(self._fd, self._writable)
+            else:
+                self._loop.remove_writer(self._fd)
+            self._writing = want
+
+    def _misc_every_s(self) -> float:
+        return min(MISC_EVERY_S, max(0.5, self.keepalive / 2))
+
+    def _tick(self) -> None:
+        self._misc = None
+        self.client.loop_misc()
+        if self._fd >= 0:
+            self._flush()
+            self._misc = self._loop.call_later(self._misc_every_s(), self._tick)
 
     def _thread_on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode,
                            _p: Any) -> None:
@@ -142,6 +226,7 @@ class MqttConnection:
             self._connack.set_result(None)
 
     def _on_closed(self, reason: str) -> None:
+        self._detach()
         if self.closed.is_set():
             return
         self.close_reason = self.close_reason or reason
@@ -194,8 +279,8 @@ class MqttConnection:
             # lower latency, and the server sees publishes when the pacing sent them.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.client.loop_start()
         try:
+            self._attach()
             await asyncio.wait_for(asyncio.shield(self._connack), timeout)
         except BaseException:
             await self.close()
@@ -218,6 +303,7 @@ class MqttConnection:
             fut.set_exception(ConnectionLost(mqtt.error_string(info.rc)))
             return fut
         self._pending[info.mid] = fut
+        self._flush()  # paho wrote what the socket took: watch for the rest
         return fut
 
     async def subscribe(self, topics: list[str], qos: int = 1, timeout: float = 10.0) -> None:
@@ -228,6 +314,7 @@ class MqttConnection:
         rc, mid = self.client.subscribe([(t, qos) for t in topics])
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise ConnectionLost(mqtt.error_string(rc))
+        self._flush()
         self._subacks[mid] = fut
         codes = await asyncio.wait_for(fut, timeout)
         refused = [t for t, code in zip(topics, codes, strict=False) if code >= 0x80]
@@ -235,24 +322,27 @@ class MqttConnection:
             raise ConnectRefused(f"subscription refused for {', '.join(refused)}")
 
     async def close(self, reason: str = "closed by the gateway", wait: float = 3.0) -> None:
-        """Disconnect and stop the network thread.
+        """Send DISCONNECT and close the socket.
 
-        If the DISCONNECT cannot be written (a broker that stopped reading), the socket
-        is shut down under paho after ``wait`` seconds so the thread always ends.
+        If the DISCONNECT cannot be written within ``wait`` seconds (a broker that stopped
+        reading), the socket is shut down under paho and closed.
         """
         if not self.close_reason:
             self.close_reason = reason
         if not self.closed.is_set():
             self.closed_by_gateway = True
         self.client.disconnect()
-        stopper = asyncio.ensure_future(asyncio.to_thread(self.client.loop_stop))
-        done, _ = await asyncio.wait({stopper}, timeout=wait)
-        if not done:
-            sock = self.client.socket()
+        self._flush()
+        if self.client.socket() is not None and not self.closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.closed.wait(), wait)
+        sock = self.client.socket()
+        if sock is not None:
             if isinstance(sock, socket.socket):
                 with contextlib.suppress(OSError):
                     socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            await asyncio.wait({stopper}, timeout=wait)
+            with contextlib.suppress(Exception):
+                self.client.loop_read()  # paho sees the end and closes its socket
         self._on_closed(reason)
 
 

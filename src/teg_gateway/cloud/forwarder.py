@@ -49,6 +49,7 @@ class Forwarder:
         self._stuck: set[int] = set()
         self.idle = asyncio.Event()
         self.idle.set()
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def inflight(self) -> int:
@@ -56,6 +57,7 @@ class Forwarder:
 
     def poke(self, *_: object) -> None:
         self.wake.set()
+        _wake_up(self._waiter)
 
     async def run(self) -> None:
         while True:
@@ -87,6 +89,17 @@ class Forwarder:
         pacer = self.session.pacer
         # Data points are counted (in SQL, when reading ahead) only while they are limited.
         self.outbox.count_points = pacer.max_points() is not None
+        # The end of the connection wakes the wait below (one helper for the connection).
+        ended = asyncio.ensure_future(conn.closed.wait())
+        ended.add_done_callback(self.poke)
+        try:
+            await self._pump_until_closed(conn)
+        finally:
+            ended.remove_done_callback(self.poke)
+            ended.cancel()
+
+    async def _pump_until_closed(self, conn: MqttConnection) -> None:
+        pacer = self.session.pacer
         while not conn.closed.is_set():
             self.wake.clear()
             paced = self._fill(conn)
@@ -109,15 +122,23 @@ class Forwarder:
             if self.wake.is_set():
                 continue
             started = time.monotonic()
-            closed = asyncio.ensure_future(conn.closed.wait())
-            woken = asyncio.ensure_future(self.wake.wait())
-            await asyncio.wait({closed, woken}, timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
-            closed.cancel()
-            woken.cancel()
+            await self._sleep(timeout)
             if paced:
                 pacer.waited_s += time.monotonic() - started
         raise ConnectionLost(conn.close_reason)
+
+    async def _sleep(self, timeout: float) -> None:
+        """Wait for ``poke`` (a PUBACK, new rows, the connection's end) or ``timeout``:
+        one future and one timer a wait, no helper tasks."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(timeout, _wake_up, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     def _fill(self, conn: MqttConnection) -> float:
         """Publish batches while the in-flight window and the limits allow; returns how
@@ -223,9 +244,14 @@ class Forwarder:
     async def drain(self, deadline_s: float) -> bool:
         """Stop sending new batches and wait for those in flight; True if all were acked."""
         self.paused = True
-        self.wake.set()
+        self.poke()
         try:
             await asyncio.wait_for(self.idle.wait(), deadline_s)
         except TimeoutError:
             return False
         return not self._inflight
+
+
+def _wake_up(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)

@@ -38,6 +38,21 @@ REASON_SQL = """CASE
     WHEN json_type(message, '$.values') <> 'object' THEN 'values is not an object'
     ELSE NULL END"""
 
+# A good row, tested in as few JSON calls as possible (SQLite keeps the parse of the text
+# for the calls after the first): only a row failing this is asked REASON_SQL's questions
+# one by one. A path with a key only ever matches in an object, so the message is one.
+GOOD_SQL = ("typeof(message) = 'text' AND json_valid(message) "
+            "AND json_type(message, '$.ts') = 'integer' "
+            "AND json_type(message, '$.values') = 'object'")
+
+# The body of a good row: the controller's text as it is (whitespace included) when it is
+# exactly ThingsBoard's {"ts","values"} object (no other key, neither key twice), else
+# rebuilt from its ts and values (the first of each, as json_extract reads them; an object
+# json_extract returns goes into json_object as JSON, not as a string).
+BODY_SQL = """CASE WHEN json_remove(message, '$.ts', '$.values') = '{}' THEN message
+    ELSE json_object('ts', json_extract(message, '$.ts'),
+                     'values', json_extract(message, '$.values')) END"""
+
 BATCH_TABLE = """
 CREATE TEMP TABLE IF NOT EXISTS intake_batch (
     id INTEGER PRIMARY KEY, type TEXT, message TEXT, reason TEXT, ts INTEGER, body TEXT)
@@ -48,10 +63,8 @@ FILL_BATCH = f"""
 INSERT INTO temp.intake_batch (id, type, message, reason, ts, body)
 SELECT id, type, message, reason,
        CASE WHEN reason IS NULL THEN json_extract(message, '$.ts') END,
-       CASE WHEN reason IS NULL THEN json_object(
-           'ts', json_extract(message, '$.ts'),
-           'values', json(json_extract(message, '$.values'))) END
-FROM (SELECT id, type, message, {REASON_SQL} AS reason
+       CASE WHEN reason IS NULL THEN {BODY_SQL} END
+FROM (SELECT id, type, message, CASE WHEN {GOOD_SQL} THEN NULL ELSE {REASON_SQL} END AS reason
       FROM queue.messages WHERE id > ? AND id <= ? ORDER BY id LIMIT ?)
 """
 

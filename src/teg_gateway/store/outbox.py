@@ -163,22 +163,28 @@ class Outbox:
             self.dead_letter_rows([row[0]], reason)
         first_id, _kind, body, points = row
         rows = [row]
+        bodies = [body]
         size = len(body) + 2
         total = points
+        ahead = self._ahead
+        # The per-record loop of a drain: kept to a few operations a row.
         while True:
-            following = self._peek_row()
-            if following is None:
-                break
-            _, _, next_body, next_points = following
-            if size + len(next_body) + 1 > limit or (
-                    max_points is not None and total + next_points > max_points):
-                break
-            self._ahead.popleft()
-            rows.append(following)
+            if not ahead:
+                self._read_ahead()
+                if not ahead:
+                    break
+            following = ahead[0]
+            next_body = following[2]
             size += len(next_body) + 1
-            total += next_points
+            if size > limit or (
+                    max_points is not None and total + following[3] > max_points):
+                break
+            ahead.popleft()
+            rows.append(following)
+            bodies.append(next_body)
+            total += following[3]
         return Batch(first_id, rows[-1][0], TELEMETRY, len(rows),
-                     b"[" + b",".join(r[2] for r in rows) + b"]", total, tuple(rows))
+                     b"[" + b",".join(bodies) + b"]", total, tuple(rows))
 
     def _next_other(self) -> Row | None:
         if not self._others and self._others_maybe:
