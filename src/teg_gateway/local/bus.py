@@ -43,19 +43,21 @@ class LocalBus:
     ``on_mapped`` receives what goes to ThingsBoard; ``commands`` are the operations'
     commands of the main device (``te/device/main///cmd/<name>/<id>``), each announced
     with its retained capability on every connect; ``on_service_health`` a service's
-    health (name, status).
+    health (name, status). ``connected`` (set while the session is up) may be handed in,
+    so that the operations can be built before the bus that serves their commands.
     """
 
     def __init__(self, settings: LocalMqttSettings,
                  on_mapped: Callable[[Mapped], None],
                  commands: list[LocalCommand],
-                 on_service_health: Callable[[str, str], None]) -> None:
+                 on_service_health: Callable[[str, str], None],
+                 connected: asyncio.Event | None = None) -> None:
         self.settings = settings
         self.on_mapped = on_mapped
         self.commands = {c.name: c for c in commands}
         self.on_service_health = on_service_health
         self.on_connect: list[Callable[[], None]] = []
-        self.connected = asyncio.Event()
+        self.connected = connected or asyncio.Event()
         self.connection: MqttConnection | None = None
         self.mapped = 0
         self._stopping = asyncio.Event()
