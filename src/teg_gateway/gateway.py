@@ -54,7 +54,6 @@ from teg_gateway.operations.controller_rpc import register_controller_rpc
 from teg_gateway.operations.engine import CommandChannel, Operation
 from teg_gateway.operations.files import FileArea, FileManager
 from teg_gateway.operations.logs_rpc import register_logs_rpc
-from teg_gateway.operations.ota import SHARED_KEYS as OTA_SHARED_KEYS
 from teg_gateway.operations.ota import OtaManager
 from teg_gateway.operations.restart import RestartOperation
 from teg_gateway.operations.software import SoftwareOperation
@@ -115,7 +114,7 @@ class Gateway:
             self.supervisor = Supervisor(
                 runtime, settings.controller, controller_state,
                 last_health_check_ms=self.intake.last_health_check_ms, report=report,
-                request_sw_version=lambda: self.cloud.request_shared(list(OTA_SHARED_KEYS)),
+                request_sw_version=lambda: self.cloud.request_shared(self.ota.shared_keys()),
                 ask_health=self._ask_controller_health, clock=self.clock)
 
         # The operations, in order of registration (closed in reverse order). Their

@@ -3,7 +3,7 @@ and the fleet dashboard test (packaging/thingsboard/)."""
 
 from __future__ import annotations
 
-# Health telemetry, every health.interval_s (Gateway.health_values; the README's table).
+# Health telemetry, every health.interval_s (health.Health.health_values; the README's table).
 HEALTH_KEYS: tuple[str, ...] = (
     "ms_since_last_controller_health_check",
     "ms_since_controller_startup",
