@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_FORCED = 3
 EXIT_TASK_FAILED = 4
+#: How long an operation's task may take to end once cancelled at shutdown.
+OPERATION_STOP_S = 5.0
 
 
 class Gateway:
@@ -337,7 +339,7 @@ class Gateway:
             task = self._operation_tasks.get(op.name)
             if task is not None:
                 task.cancel()
-                await asyncio.wait({task})
+                await asyncio.wait({task}, timeout=OPERATION_STOP_S)
         if self.bus is not None:
             await self.bus.stop()
         await self.intake.stop()
