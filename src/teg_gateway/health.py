@@ -157,7 +157,7 @@ class Health:
             "sqlite": sqlite3.sqlite_version,
             "started_ms": self.started_ms,
         }
-        self.recovery.publish_attributes({"sys_info": info}, "sys_info")
+        self.recovery.publish_attributes({"sys_info": info}, "sys_info", wake=False)
 
     def publish_session_limits(self, limits: SessionLimits) -> None:
         """The limits in force, as the client attribute ``session_limits`` (when changed)."""

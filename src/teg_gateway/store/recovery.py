@@ -153,11 +153,13 @@ class StoreRecovery:
         self.poke()
 
     def publish_attributes(self, attributes: dict[str, Any],
-                           where: str = "client attributes") -> None:
-        """Client attributes for ThingsBoard, through the outbox."""
+                           where: str = "client attributes", *, wake: bool = True) -> None:
+        """Client attributes for ThingsBoard, through the outbox; ``wake``: wake the
+        forwarder now (else they go with its next round)."""
         try:
             self.stores.outbox.put_attributes(attributes)
         except sqlite3.Error as exc:
             self.on_db_error(exc, where)
             return
-        self.poke()
+        if wake:
+            self.poke()
