@@ -193,11 +193,18 @@ class Gateway:
                             settings.thingsboard.host, settings.thingsboard.port)
             self.stores.open()
             self.recovery.report_open_problems()
-            async with asyncio.TaskGroup() as group:
-                self._group = group
-                self._start_parts()
-                await self._stopping.wait()
-                await self._shutdown()
+            try:
+                async with asyncio.TaskGroup() as group:
+                    self._group = group
+                    self._start_parts()
+                    await self._stopping.wait()
+                    await self._shutdown()
+            except BaseExceptionGroup as failed:
+                # The parts never raise into the group (see _guarded): this is the main
+                # body's own error, raised as itself for the command line to report.
+                if len(failed.exceptions) == 1:
+                    raise failed.exceptions[0] from None
+                raise
             if self._provisioning_error is not None:
                 raise self._provisioning_error
             return self.exit_code
