@@ -240,7 +240,8 @@ class Gateway:
             # Refused credentials or provisioning: stop in order, then run() raises it
             # for the command line to say in one line.
             self._provisioning_error = exc
-            self.request_stop()
+            if not self._stopping.is_set():
+                self.request_stop()
             return
         if self._stopping.is_set():
             return
