@@ -57,7 +57,7 @@ class LocalBus:
         self.commands = {c.name: c for c in commands}
         self.on_service_health = on_service_health
         self.on_connect: list[Callable[[], None]] = []
-        self.connected = connected or asyncio.Event()
+        self.connected = connected if connected is not None else asyncio.Event()
         self.connection: MqttConnection | None = None
         self.mapped = 0
         self._stopping = asyncio.Event()
