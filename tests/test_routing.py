@@ -11,12 +11,12 @@ from typing import Any
 
 from teg_gateway.cloud.credentials import ACCESS_TOKEN, Credentials
 from teg_gateway.cloud.routing import CloudRouter
-from teg_gateway.cloud.session import (
+from teg_gateway.cloud.session import CloudSession
+from teg_gateway.cloud.topics import (
     ATTRIBUTE_RESPONSE,
     ATTRIBUTES,
-    BASE_SUBSCRIPTIONS,
     RPC_REQUEST,
-    CloudSession,
+    SESSION_SUBSCRIPTIONS,
 )
 from teg_gateway.config import load_settings
 from teg_gateway.operations.engine import Operation
@@ -132,7 +132,7 @@ def test_a_registered_operation_gets_its_subscriptions_keys_and_messages(
                            router.route, StateFile(tmp_path / "cloud.json"))
     router.attach(session)
     assert router.session is session
-    assert session.subscriptions == [*BASE_SUBSCRIPTIONS, "v2/fw/response/+/chunk/+",
+    assert session.subscriptions == [*SESSION_SUBSCRIPTIONS, "v2/fw/response/+/chunk/+",
                                      "v2/fw/error"]
     # Every wanted key is asked for once on every connect.
     assert sorted(session.shared_keys) == sorted({"sw_title", "sw_version", "sw_url",
