@@ -87,7 +87,7 @@ FILL_CHUNK = 100_000
 LATENCY_PERIOD_S = 0.010
 SAMPLE_PERIOD_S = 0.05
 PROGRESS_PERIOD_S = 2.0
-IDLE_S = 10.0  # /proc counts CPU in 10 ms ticks: 0.1 % of a core over 10 s
+IDLE_S = 30.0  # /proc counts CPU in 10 ms ticks: 0.03 % of a core over 30 s
 # The bare client: what the gateway sends with its default settings.
 BASELINE_PAYLOAD_BYTES = 49_152  # outbox.max_payload_bytes
 BASELINE_INFLIGHT = 8  # outbox.max_inflight

@@ -204,7 +204,7 @@ def test_ota_attributes_never_escape_and_stay_bounded(
         return fut
 
     found = make_settings(data)
-    manager = OtaManager(found, Updates(found, None, reported.append,
+    manager = OtaManager(found.ota, Updates.of(found, None, reported.append,
                                         data / "state" / "ota.json"), publish)
     sw_values = st.fixed_dictionaries({}, optional={
         "sw_title": json_values, "sw_version": st.sampled_from(["2.0", "x" * 500, "../1"])

@@ -643,7 +643,7 @@ def test_an_ota_state_of_an_earlier_release_is_read_and_the_update_resumes(
         "job": {**desired, "request_id": "4", "resumes": 0, "restarted": True,
                 "previous": "1.0"}}))
     reported: list[dict[str, Any]] = []
-    updates = Updates(settings, None, reported.append, path)
+    updates = Updates.of(settings, None, reported.append, path)
     assert updates.load() is None and reported == []
     facts = updates.facts
     assert facts.desired is not None and facts.desired.version == "2.0"
@@ -660,7 +660,7 @@ def test_an_ota_state_of_an_earlier_release_is_read_and_the_update_resumes(
     path.write_text(json.dumps({"phase": "failed", "desired": desired, "job": None,
                                 "failed_version": "2.0",
                                 "current": {"title": "ctl", "version": "1.0"}}))
-    again = Updates(settings, None, reported.append, path)
+    again = Updates.of(settings, None, reported.append, path)
     again.load()
     assert again.active() is None and again.facts.desired_done
     assert again.facts.failed_version == "2.0"

@@ -322,7 +322,7 @@ class Recorder:
 def _operation(data: Path, reported: list[dict[str, Any]],
                bus: Recorder) -> SoftwareOperation:
     settings = load_settings(env={"TEG_DATA_PATH": str(data)})
-    updates = Updates(settings, None, reported.append, data / "state" / "ota.json")
+    updates = Updates.of(settings, None, reported.append, data / "state" / "ota.json")
     return SoftwareOperation(updates, data / "state" / "software.json",
                              CommandChannel(bus.publish, bus.connected))
 

@@ -1,9 +1,9 @@
 """Wires the parts together and runs them under one task group.
 
-One asyncio event loop does the work: forwarding, health telemetry, maintenance, and the
-answers to ThingsBoard. paho's network thread only moves bytes and hands events to this
-loop. The controller queue intake runs in a worker thread with its own connection
-(controller/intake.py), so the loop never waits for the controller's lock on its queue.
+One asyncio event loop does the work: forwarding, health telemetry, maintenance, the
+answers to ThingsBoard, and paho-mqtt's sockets (mqttlink.py). The controller queue
+intake runs in a worker thread with its own connections (controller/intake.py), so the
+loop never waits for the controller's lock on its queue.
 
 Where things are:
 
@@ -44,6 +44,7 @@ from teg_gateway.controller.intake import IntakeConfig
 from teg_gateway.controller.queue import QUEUE_FILE
 from teg_gateway.controller.runtime import LOG_FILE_NAME as CONTROLLER_LOG_FILE
 from teg_gateway.controller.supervisor import Supervisor, controller_state_file
+from teg_gateway.controller.versions import ControllerPlaces
 from teg_gateway.datadir import prepare_data_dir
 from teg_gateway.health import Health
 from teg_gateway.local.bus import SERVICE_NAME, LocalBus
@@ -127,9 +128,11 @@ class Gateway:
                                         state_dir(settings.data_dir) / "restart.json",
                                         channel, report, self.clock)
         # One update pipeline (ota.json) for ThingsBoard OTA and the local bus.
-        self.updates = Updates(settings, self.supervisor, report,
-                               state_dir(settings.data_dir) / "ota.json")
-        self.ota = OtaManager(settings, self.updates, self.cloud.publish)
+        self.updates = Updates(settings.ota, settings.controller, ControllerPlaces.of(settings),
+                               supervisor=self.supervisor, report=report,
+                               state_path=state_dir(settings.data_dir) / "ota.json",
+                               download_dir=settings.data_dir / "ota", clock=self.clock)
+        self.ota = OtaManager(settings.ota, self.updates, self.cloud.publish)
         self.software = SoftwareOperation(self.updates,
                                           state_dir(settings.data_dir) / "software.json",
                                           channel, clock=self.clock)

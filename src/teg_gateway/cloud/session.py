@@ -68,7 +68,7 @@ class CloudSession:
         self._operations: deque[tuple[str, bytes | str, int, asyncio.Future[None]]] = deque()
         self._operations_timer: asyncio.TimerHandle | None = None
         self.subscriptions: list[str] = list(topics.SESSION_SUBSCRIPTIONS)
-        self.shared_keys: list[str] = ["sw_title", "sw_version", "FILES"]
+        self.shared_keys: list[str] = []
         self.on_connect: list[Callable[[], None]] = []
         self.on_disconnect: list[Callable[[], None]] = []
         self.connected = asyncio.Event()
@@ -121,7 +121,8 @@ class CloudSession:
         self.state.update(last_result="connected", last_connected_ms=now_ms(),
                           host=tb.host, port=tb.port)
         limits = asyncio.ensure_future(self._resolve_limits())
-        self.request_shared_attributes(self.shared_keys)
+        if self.shared_keys:
+            self.request_shared_attributes(self.shared_keys)
         for callback in self.on_connect:
             try:
                 callback()

@@ -33,7 +33,7 @@ from teg_gateway.cloud.topics import OTA_ERRORS as ERROR_TOPICS
 from teg_gateway.cloud.topics import SW_CHUNK_REQUEST as CHUNK_REQUEST
 from teg_gateway.cloud.topics import SW_CHUNK_RESPONSE as CHUNK_RESPONSE
 from teg_gateway.cloud.topics import SW_CHUNK_RESPONSE_RE as _CHUNK_TOPIC
-from teg_gateway.config import Settings
+from teg_gateway.config import OtaSettings
 from teg_gateway.controller.versions import check_version
 from teg_gateway.operations.engine import Command, Operation
 from teg_gateway.operations.packages import OtaError
@@ -66,7 +66,7 @@ class OtaManager(Operation):
 
     name = "ota"
 
-    def __init__(self, settings: Settings, updates: Updates, publish: Publish) -> None:
+    def __init__(self, settings: OtaSettings, updates: Updates, publish: Publish) -> None:
         self.settings = settings
         self.updates = updates
         self._publish = publish
@@ -222,7 +222,7 @@ class OtaManager(Operation):
     async def _download(self, cmd: Command[UpdateJob], part: Path) -> bool:
         """Fetch the package chunk by chunk into ``part``; False when another version
         became wanted meanwhile (the download is abandoned)."""
-        ota, job = self.settings.ota, cmd.payload
+        ota, job = self.settings, cmd.payload
         size = job.size if job.size is not None and job.size >= 0 else None
         if size is not None and size > ota.max_package_bytes:
             raise OtaError(f"package of {size} bytes is larger than [ota] max_package_bytes "
@@ -287,7 +287,7 @@ class OtaManager(Operation):
             waiting: set[asyncio.Future[Any]] = {future, reconnect}
             try:
                 await asyncio.wait(waiting,
-                                   timeout=self.settings.ota.chunk_timeout_s,
+                                   timeout=self.settings.chunk_timeout_s,
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
                 reconnect.cancel()
@@ -301,10 +301,10 @@ class OtaManager(Operation):
                     self._connected.clear()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._connected.wait(),
-                                               self.settings.ota.chunk_timeout_s)
+                                               self.settings.chunk_timeout_s)
                 else:
                     log.warning("OTA chunk %d not answered in %.0f s: asking again", number,
-                                self.settings.ota.chunk_timeout_s)
+                                self.settings.chunk_timeout_s)
 
     @staticmethod
     def _publish_done(fut: asyncio.Future[None]) -> None:

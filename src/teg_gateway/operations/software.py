@@ -35,7 +35,7 @@ from typing import Any
 from teg_gateway.bounds import clip
 from teg_gateway.clock import Clock
 from teg_gateway.controller.runtime import ControllerError
-from teg_gateway.controller.versions import check_version, version_dir
+from teg_gateway.controller.versions import check_version
 from teg_gateway.local.topics import command_topic
 from teg_gateway.operations.engine import (
     Command,
@@ -315,7 +315,7 @@ class SoftwareOperation(Operation):
                 return
             if module.url:
                 plan = UpdateJob(version, title, Kind.URL, url=module.url, loopback_http=True)
-            elif version_dir(updates.settings, version).is_dir():
+            elif updates.places.version_dir(version).is_dir():
                 plan = UpdateJob(version, title, Kind.DISK)
             else:
                 raise OtaError(f"version {version} is not on disk and the module has no url")
@@ -332,7 +332,7 @@ class SoftwareOperation(Operation):
         if supervisor is not None and supervisor.version == version:
             raise OtaError(f"version {version} is running and cannot be removed (install "
                            "another version first)")
-        if not version_dir(updates.settings, version).is_dir():
+        if not updates.places.version_dir(version).is_dir():
             log.info("software_update: version %s is not on disk; nothing to remove", version)
             return
         log.info("software_update: removing controller version %s", version)

@@ -38,10 +38,10 @@ from typing import Any
 
 from teg_gateway.bounds import clip
 from teg_gateway.clock import Clock
-from teg_gateway.config import Settings
+from teg_gateway.config import ControllerSettings, OtaSettings, Settings
 from teg_gateway.controller.runtime import ControllerError, describe_exit
 from teg_gateway.controller.supervisor import RUNNING, Supervisor
-from teg_gateway.controller.versions import export_version, version_dir, versions_dir
+from teg_gateway.controller.versions import ControllerPlaces, export_from_git
 from teg_gateway.fsutil import fsync_dir
 from teg_gateway.operations.download import DownloadError, UrlDownload, check_url, tls_context
 from teg_gateway.operations.engine import (
@@ -237,10 +237,13 @@ class Updates:
     ``fetchers[Kind.PACKAGE]`` is set by the ThingsBoard side (chunks over MQTT).
     """
 
-    def __init__(self, settings: Settings, supervisor: Supervisor | None, report: Report,
-                 state_path: Path, *, clock: Clock | None = None,
+    def __init__(self, ota: OtaSettings, controller: ControllerSettings,
+                 places: ControllerPlaces, *, supervisor: Supervisor | None, report: Report,
+                 state_path: Path, download_dir: Path, clock: Clock | None = None,
                  poll_s: float = 0.1) -> None:
-        self.settings = settings
+        self.ota = ota
+        self.controller = controller
+        self.places = places
         self.supervisor = supervisor
         self._report_cb = report
         self.clock = clock or Clock()
@@ -249,7 +252,7 @@ class Updates:
         self.lane = Lane("controller update")
         self.runner = Runner()
         self.poll_s = poll_s
-        self.download_dir = settings.data_dir / "ota"
+        self.download_dir = download_dir
         self.fetchers: dict[Kind, Fetch] = {Kind.URL: self._download_url}
         #: called with every update that ended (after it was saved and reported)
         self.on_finished: list[Callable[[Command[UpdateJob]], None]] = []
@@ -258,6 +261,14 @@ class Updates:
         self._resumed = False
         self._waiters: dict[str, list[asyncio.Future[Command[UpdateJob]]]] = {}
         self.loaded = False
+
+    @classmethod
+    def of(cls, settings: Settings, supervisor: Supervisor | None, report: Report,
+           state_path: Path, *, clock: Clock | None = None) -> Updates:
+        """Built from the whole settings (the sections it reads)."""
+        return cls(settings.ota, settings.controller, ControllerPlaces.of(settings),
+                   supervisor=supervisor, report=report, state_path=state_path,
+                   download_dir=settings.data_dir / "ota", clock=clock)
 
     # -- state --------------------------------------------------------------------------
 
@@ -409,7 +420,7 @@ class Updates:
         """Take the update to the point of the switch: fetched, verified, unpacked."""
         job = cmd.payload
         if job.kind is Kind.DISK:
-            if not version_dir(self.settings, job.version).is_dir():
+            if not self.places.version_dir(job.version).is_dir():
                 raise OtaError(f"version {job.version} is not on disk")
             return
         if job.kind is Kind.GIT:
@@ -455,15 +466,15 @@ class Updates:
             self.repo.put(cmd)
 
     async def _export(self, version: str) -> None:
-        if not self.settings.paths.controller_git:
+        if not self.places.git_repo:
             raise OtaError(f"version {version} comes without a package (no sw_checksum) and "
                            "no controller git repository is configured "
                            "(TEG_CONTROLLER_GIT_PATH)")
-        await export_version(self.settings, version)
+        await export_from_git(self.places, version)
 
     async def _download_url(self, cmd: Command[UpdateJob], part: Path) -> bool:
         """Fetch the package from its URL into ``part``; False when superseded."""
-        ota, job = self.settings.ota, cmd.payload
+        ota, job = self.ota, cmd.payload
         what = "sw_url" if cmd.origin == THINGSBOARD else "url"
         try:
             check_url(job.url, ota.allow_http, job.loopback_http, what)
@@ -507,7 +518,7 @@ class Updates:
                        f"{actual}, ThingsBoard announced {clip(expected)}")
 
     async def _unpack(self, job: UpdateJob, part: Path) -> None:
-        dest = version_dir(self.settings, job.version)
+        dest = self.places.version_dir(job.version)
         if not part.exists():
             if dest.is_dir():
                 return  # unpacked before a restart; the package was already removed
@@ -515,7 +526,7 @@ class Updates:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{job.version}.unpack-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        limit = self.settings.ota.max_package_bytes * UNPACK_FACTOR
+        limit = self.ota.max_package_bytes * UNPACK_FACTOR
         try:
             await asyncio.to_thread(unpack_package, part, tmp, limit)
             await asyncio.to_thread(remove_tree, dest)
@@ -532,7 +543,7 @@ class Updates:
         self._step(cmd, Step.SWITCHING, UPDATING, previous=sup.version or "")
         version = cmd.payload.version
         with contextlib.suppress(OSError):
-            os.utime(version_dir(self.settings, version))
+            os.utime(self.places.version_dir(version))
         baseline = sup.consecutive_failures
         try:
             await sup.switch_version(version)
@@ -590,8 +601,8 @@ class Updates:
         still runs ``settle`` seconds later; else why not."""
         sup = self.supervisor
         assert sup is not None
-        timeout = self.settings.ota.health_timeout_s
-        settle = min(self.settings.controller.healthy_after_s, timeout)
+        timeout = self.ota.health_timeout_s
+        settle = min(self.controller.healthy_after_s, timeout)
         deadline = self.clock.monotonic() + timeout
         healthy_since: float | None = None
         failures_at_health = 0
@@ -680,7 +691,7 @@ class Updates:
         """Keep ``keep_versions`` version directories (the newest by last switch), never
         the running one or the rollback target; the runtime frees what it kept for the
         others (docker: their images)."""
-        base = versions_dir(self.settings)
+        base = self.places.versions_dir
         try:
             dirs = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
         except OSError:
@@ -688,14 +699,14 @@ class Updates:
         dirs.sort(key=lambda p: p.stat().st_mtime, reverse=True)
         kept = [p for p in dirs if p.name in keep]
         others = [p for p in dirs if p.name not in keep]
-        room = max(0, self.settings.ota.keep_versions - len(kept))
+        room = max(0, self.ota.keep_versions - len(kept))
         for old in others[room:]:
             log.info("removing old controller version %s", old.name)
             await self.remove_version(old.name)
 
     async def remove_version(self, version: str) -> None:
         """Delete a version's directory and what the runtime kept for it."""
-        await asyncio.to_thread(remove_tree, version_dir(self.settings, version))
+        await asyncio.to_thread(remove_tree, self.places.version_dir(version))
         self.facts.titles.pop(version, None)
         if self.supervisor is not None:
             await self.supervisor.runtime.remove_version(version)
@@ -703,7 +714,7 @@ class Updates:
     def versions_on_disk(self) -> list[str]:
         """The version directories, newest (last switched to) first."""
         try:
-            dirs = [p for p in versions_dir(self.settings).iterdir()
+            dirs = [p for p in self.places.versions_dir.iterdir()
                     if p.is_dir() and not p.name.startswith(".")]
         except OSError:
             return []
