@@ -96,10 +96,12 @@ class Command(Generic[P]):
     def final(self) -> bool:
         return self.status.final
 
-    def message(self) -> dict[str, Any]:
-        """The command in thin-edge.io's form: unknown fields, the payload's fields,
-        ``status`` and (when failed) ``reason``."""
-        body = {**self.extra, **encode(self.payload), "status": self.status.value}
+    def message(self, with_payload: bool = True) -> dict[str, Any]:
+        """The command in thin-edge.io's form: unknown fields, the payload's fields
+        (unless the payload is what the gateway keeps for itself: ``with_payload``
+        False), ``status`` and (when failed) ``reason``."""
+        body = {**self.extra, **(encode(self.payload) if with_payload else {}),
+                "status": self.status.value}
         if self.status is Status.FAILED:
             body["reason"] = self.reason
         else:

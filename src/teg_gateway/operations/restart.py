@@ -108,12 +108,7 @@ def read_boot_id(path: str) -> str:
 def wire_message(cmd: Command[RestartJob]) -> dict[str, Any]:
     """The command as published: the requester's fields, ``status`` and (when failed)
     ``reason``; what the gateway keeps about it (:class:`RestartJob`) stays here."""
-    body = {**cmd.extra, "status": cmd.status.value}
-    if cmd.status is Status.FAILED:
-        body["reason"] = cmd.reason
-    else:
-        body.pop("reason", None)
-    return body
+    return cmd.message(with_payload=False)
 
 
 def _origin(job: RestartJob) -> str:
