@@ -128,8 +128,9 @@ def test_a_registered_operation_gets_its_subscriptions_keys_and_messages(
     assert router.shared_keys() == ["sw_title", "sw_version", "sw_url", "FILES"]
 
     settings = load_settings(env={"TEG_DATA_PATH": str(tmp_path)})
-    session = CloudSession(settings, Credentials(ACCESS_TOKEN, token="t"), "device",
-                           router.route, StateFile(tmp_path / "cloud.json"))
+    session = CloudSession(settings.thingsboard, Credentials(ACCESS_TOKEN, token="t"),
+                           "device", router.route, StateFile(tmp_path / "cloud.json"),
+                           token_path=settings.access_token_path)
     router.attach(session)
     assert router.session is session
     assert session.subscriptions == [*SESSION_SUBSCRIPTIONS, "v2/fw/response/+/chunk/+",

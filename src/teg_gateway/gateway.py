@@ -249,8 +249,10 @@ class Gateway:
         if self._stopping.is_set():
             return
         client_id = device_name(self.settings.thingsboard.device_name)
-        self.session = CloudSession(self.settings, creds, client_id, self.cloud.route,
-                                    cloud_state(self.settings.data_dir))
+        self.session = CloudSession(self.settings.thingsboard, creds, client_id,
+                                    self.cloud.route, cloud_state(self.settings.data_dir),
+                                    token_path=self.settings.access_token_path,
+                                    clock=self.clock)
         self.session.on_connect.append(self.health.publish_sys_info)
         self.cloud.attach(self.session)
         self.session.on_limits.append(self.health.publish_session_limits)
@@ -259,7 +261,8 @@ class Gateway:
                                    max_inflight=outbox.max_inflight,
                                    puback_timeout_s=outbox.puback_timeout_s,
                                    max_payload_bytes=outbox.max_payload_bytes,
-                                   on_db_error=self.recovery.on_db_error)
+                                   on_db_error=self.recovery.on_db_error,
+                                   clock=self.clock)
         self._session_task = self._start(self.session.run(), "ThingsBoard session")
         self._start(self.forwarder.run(), "forwarder")
         self._start(self.health.run(), "health telemetry")

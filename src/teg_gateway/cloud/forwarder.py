@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import time
 from collections import deque
 from collections.abc import Callable
 
+from teg_gateway.clock import Clock
 from teg_gateway.cloud import topics
 from teg_gateway.cloud.session import CloudSession
 from teg_gateway.mqttlink import ConnectionLost, MqttConnection
@@ -31,8 +31,10 @@ class Forwarder:
 
     def __init__(self, outbox: Outbox, session: CloudSession, *, max_inflight: int,
                  puback_timeout_s: float, max_payload_bytes: int,
-                 on_db_error: Callable[[BaseException], None] | None = None) -> None:
+                 on_db_error: Callable[[BaseException], None] | None = None,
+                 clock: Clock | None = None) -> None:
         self.outbox = outbox
+        self.clock = clock or Clock()
         self.session = session
         self.max_inflight = max_inflight
         self.puback_timeout_s = puback_timeout_s
@@ -106,7 +108,7 @@ class Forwarder:
             self._collect()
             timeout = 1.0
             if self._inflight:
-                overdue = self._inflight[0][2] - time.monotonic()
+                overdue = self._inflight[0][2] - self.clock.monotonic()
                 if overdue <= 0:
                     log.warning("ThingsBoard: no PUBACK within %.0f s; reconnecting",
                                 self.puback_timeout_s)
@@ -121,10 +123,10 @@ class Forwarder:
                 self._settle_deletes()
             if self.wake.is_set():
                 continue
-            started = time.monotonic()
+            started = self.clock.monotonic()
             await self._sleep(timeout)
             if paced:
-                pacer.waited_s += time.monotonic() - started
+                pacer.waited_s += self.clock.monotonic() - started
         raise ConnectionLost(conn.close_reason)
 
     async def _sleep(self, timeout: float) -> None:
@@ -160,7 +162,7 @@ class Forwarder:
             pacer.take_outbox(telemetry, batch.points)
             fut = conn.publish(batch.topic, batch.payload)
             fut.add_done_callback(self.poke)
-            self._inflight.append((batch, fut, time.monotonic() + self.puback_timeout_s))
+            self._inflight.append((batch, fut, self.clock.monotonic() + self.puback_timeout_s))
             self.idle.clear()
             self.publishes += 1
             if telemetry:

@@ -22,7 +22,7 @@ from teg_gateway.backoff import Backoff
 from teg_gateway.cloud import credentials as creds_mod
 from teg_gateway.cloud import topics
 from teg_gateway.cloud.credentials import Credentials, CredentialsError
-from teg_gateway.config import Settings
+from teg_gateway.config import Settings, ThingsBoardSettings
 from teg_gateway.fsutil import fsync_dir
 from teg_gateway.mqttlink import ConnectionLost, ConnectRefused, MqttConnection, tls_context
 
@@ -56,11 +56,11 @@ def device_name(configured: str, hostname: str | None = None,
     return "teg-" + "".join((rng or random.Random()).choice("0123456789") for _ in range(7))
 
 
-def cloud_tls(settings: Settings) -> ssl.SSLContext | None:
+def cloud_tls(tb: ThingsBoardSettings) -> ssl.SSLContext | None:
     """The TLS context for ThingsBoard, or None when plain MQTT was chosen explicitly."""
-    if not settings.thingsboard.tls:
+    if not tb.tls:
         return None
-    return tls_context(settings.thingsboard.ca_cert or None)
+    return tls_context(tb.ca_cert or None)
 
 
 async def request_credentials(settings: Settings, name: str) -> dict[str, Any] | None:
@@ -72,7 +72,7 @@ async def request_credentials(settings: Settings, name: str) -> dict[str, Any] |
         if topic == topics.PROVISION_RESPONSE and not answer.done():
             answer.set_result(payload)
 
-    conn = MqttConnection(f"provision-{name}", username="provision", tls=cloud_tls(settings),
+    conn = MqttConnection(f"provision-{name}", username="provision", tls=cloud_tls(tb),
                           keepalive=tb.keepalive_s, on_message=on_message)
     try:
         await conn.connect(tb.host, tb.port, timeout=tb.provision_timeout_s)

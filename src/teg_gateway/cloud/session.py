@@ -7,15 +7,16 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from teg_gateway.backoff import Backoff
-from teg_gateway.clock import now_ms
+from teg_gateway.clock import Clock
 from teg_gateway.cloud import topics
 from teg_gateway.cloud.credentials import Credentials
 from teg_gateway.cloud.limits import Pacer, SessionLimits
 from teg_gateway.cloud.provision import cloud_tls, describe_error
-from teg_gateway.config import Settings
+from teg_gateway.config import ThingsBoardSettings
 from teg_gateway.mqttlink import (
     ConnectionLost,
     ConnectRefused,
@@ -47,19 +48,21 @@ class CloudSession:
     it may use the whole ``messages`` budget, and waits only when that is used up.
     """
 
-    def __init__(self, settings: Settings, creds: Credentials, client_id: str,
-                 on_message: MessageHandler, state: StateFile, *,
-                 pacer: Pacer | None = None) -> None:
+    def __init__(self, settings: ThingsBoardSettings, creds: Credentials, client_id: str,
+                 on_message: MessageHandler, state: StateFile, *, token_path: Path,
+                 clock: Clock | None = None, pacer: Pacer | None = None) -> None:
         self.settings = settings
+        self.token_path = token_path
+        self.clock = clock or Clock()
         self.creds = creds
         self.client_id = client_id
         self.on_message = on_message
         self.state = state
-        tb = settings.thingsboard
+        tb = settings
         self.configured_limits = SessionLimits.from_settings(
             tb.rate_limits_messages, tb.rate_limits_telemetry_messages,
             tb.rate_limits_telemetry_data_points, tb.max_payload_bytes)
-        self.pacer = pacer or Pacer()
+        self.pacer = pacer or Pacer(self.clock.monotonic)
         self.on_limits: list[Callable[[SessionLimits], None]] = []
         self.ready = asyncio.Event()
         self.rate_limit_disconnects = 0
@@ -80,13 +83,13 @@ class CloudSession:
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        tb = self.settings.thingsboard
+        tb = self.settings
         backoff = Backoff(tb.reconnect_min_s, tb.reconnect_max_s)
         await keep_connected(self._connect, self._serve, backoff, self._stopping,
                              self._connect_failed, name="ThingsBoard")
 
     async def _connect(self) -> MqttConnection:
-        tb = self.settings.thingsboard
+        tb = self.settings
         client_id, username, password = self.creds.login(self.client_id)
         conn = MqttConnection(client_id, username=username, password=password,
                               tls=cloud_tls(self.settings), keepalive=tb.keepalive_s,
@@ -100,17 +103,17 @@ class CloudSession:
         return conn
 
     def _connect_failed(self, exc: BaseException) -> None:
-        tb = self.settings.thingsboard
+        tb = self.settings
         if isinstance(exc, ConnectRefused):
             self._record_failure(
                 f"ThingsBoard refused the connection ({exc}); check the "
-                f"{self.creds.describe()} in {self.settings.access_token_path}", True)
+                f"{self.creds.describe()} in {self.token_path}", True)
         else:
             self._record_failure(f"cannot connect to {tb.host}:{tb.port}: "
                                  f"{describe_error(exc)}", False)
 
     async def _serve(self, conn: MqttConnection) -> float | None:
-        tb = self.settings.thingsboard
+        tb = self.settings
         self.connects += 1
         if self.connects > 1:
             self.reconnects += 1
@@ -118,7 +121,7 @@ class CloudSession:
         self.connected.set()
         self.last_error = ""
         log.info("ThingsBoard: connected to %s:%d", tb.host, tb.port)
-        self.state.update(last_result="connected", last_connected_ms=now_ms(),
+        self.state.update(last_result="connected", last_connected_ms=self.clock.now_ms(),
                           host=tb.host, port=tb.port)
         limits = asyncio.ensure_future(self._resolve_limits())
         if self.shared_keys:
@@ -142,7 +145,7 @@ class CloudSession:
         if self._stopping.is_set():
             await conn.close("gateway shutting down")
             self.state.update(last_result="disconnected: the gateway stopped",
-                              last_failure_ms=now_ms())
+                              last_failure_ms=self.clock.now_ms())
             return None
         await conn.close()
         if conn.closed_by_gateway or not conn.unacked_at_close:
@@ -228,7 +231,7 @@ class CloudSession:
     def _record_failure(self, text: str, serious: bool) -> None:
         self.last_error = text
         log.log(logging.ERROR if serious else logging.WARNING, "ThingsBoard: %s", text)
-        self.state.update(last_result=text, last_failure_ms=now_ms())
+        self.state.update(last_result=text, last_failure_ms=self.clock.now_ms())
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1) -> asyncio.Future[None]:
         """Publish an operation's message on the current connection, paced under the
