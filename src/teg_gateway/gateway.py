@@ -22,12 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import sqlite3
-import threading
 from collections.abc import Coroutine
-from types import FrameType
 from typing import Any
 
 from teg_gateway.clock import Clock
@@ -59,6 +55,7 @@ from teg_gateway.operations.ota import OtaManager
 from teg_gateway.operations.restart import RestartOperation
 from teg_gateway.operations.software import SoftwareOperation
 from teg_gateway.operations.update import Updates
+from teg_gateway.stopping import StopControl
 from teg_gateway.store.recovery import StoreRecovery
 from teg_gateway.store.state import cloud_state, state_dir
 from teg_gateway.store.stores import Stores
@@ -67,7 +64,6 @@ from teg_gateway.systemd import Notifier, status_line
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
-EXIT_FORCED = 3
 EXIT_TASK_FAILED = 4
 #: How long an operation's task may take to end once cancelled at shutdown.
 OPERATION_STOP_S = 5.0
@@ -172,7 +168,7 @@ class Gateway:
                           "(FILE_HASHES, FILE_READ_*) and reconcile the managed files again",
                           self._rpc_init_files)
 
-        self._stopping = asyncio.Event()
+        self._stopping = StopControl(settings.shutdown.timeout_s)
         self._group: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._operation_tasks: dict[str, asyncio.Task[Any]] = {}
@@ -188,7 +184,7 @@ class Gateway:
         settings = self.settings
         prepare_data_dir(settings.data_dir)
         logging.getLogger().addHandler(self.cloud_logs)
-        self._install_signals()
+        self._stopping.install_signals()
         try:
             if not settings.thingsboard.tls:
                 log.warning("TLS IS OFF: talking plain MQTT to %s:%d. Use this only for local "
@@ -200,7 +196,7 @@ class Gateway:
                 async with asyncio.TaskGroup() as group:
                     self._group = group
                     self._start_parts()
-                    await self._stopping.wait()
+                    await self._stopping.requested.wait()
                     await self._shutdown()
             except BaseExceptionGroup as failed:
                 # The parts never raise into the group (see _guarded): this is the main
@@ -289,34 +285,8 @@ class Gateway:
             self.request_stop()
 
     def request_stop(self) -> None:
-        if self._stopping.is_set():
-            log.error("second stop request: forcing the exit")
-            os._exit(EXIT_FORCED)
-        log.info("stop requested; shutting down")
-        self._arm_forced_exit()
-        self._stopping.set()
-
-    def _install_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.request_stop)
-
-    def _arm_forced_exit(self) -> None:
-        timeout = self.settings.shutdown.timeout_s
-
-        def forced(_sig: int, _frame: FrameType | None) -> None:
-            log.critical("graceful shutdown took longer than %.0f s: forcing the exit", timeout)
-            logging.shutdown()
-            os._exit(EXIT_FORCED)
-
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGALRM, forced)
-            signal.setitimer(signal.ITIMER_REAL, timeout)
-        # Should the main thread be stuck where Python signal handlers cannot run.
-        backstop = threading.Timer(timeout + 5.0, os._exit, (EXIT_FORCED,))
-        backstop.daemon = True
-        backstop.start()
+        """Ask for an orderly shutdown (a second request forces the exit)."""
+        self._stopping.request()
 
     async def _shutdown(self) -> None:
         """Stop the parts in this order (the forced-exit timer bounds the whole):
@@ -375,7 +345,7 @@ class Gateway:
             self.feed.flush_cloud_logs()
         self.stores.close()
         log.info("shutdown complete")
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        self._stopping.done()
 
     # -- glue between the parts ------------------------------------------------------------
 
