@@ -164,9 +164,6 @@ class Gateway:
         register_controller_rpc(self.rpc, self.supervisor)
         register_logs_rpc(self.rpc, settings.log_file,
                           settings.controller_logs_dir / CONTROLLER_LOG_FILE)
-        self.rpc.register("init_files", "reset the file-management client attributes "
-                          "(FILE_HASHES, FILE_READ_*) and reconcile the managed files again",
-                          self._rpc_init_files)
 
         self._stopping = StopControl(settings.shutdown.timeout_s)
         self._group: asyncio.TaskGroup | None = None
@@ -348,9 +345,6 @@ class Gateway:
         self._stopping.done()
 
     # -- glue between the parts ------------------------------------------------------------
-
-    async def _rpc_init_files(self, _params: dict[str, Any]) -> Any:
-        return await self.files.init_files()
 
     def _on_service_health(self, name: str, status: str) -> None:
         wanted = self.settings.controller.health_service

@@ -99,8 +99,11 @@ class CloudRouter:
 
     def register(self, op: Operation) -> None:
         """Take ``op``'s subscriptions, wanted shared keys and handlers (before
-        :meth:`attach`)."""
+        :meth:`attach`); its RPC methods are answered from now on."""
         self.operations.append(op)
+        for method in op.rpc_methods():
+            self.rpc.register(method.name, method.description, method.handler,
+                              method.params)
 
     def subscriptions(self) -> list[str]:
         """The registered operations' topics, each once, in order of registration."""

@@ -40,6 +40,7 @@ from teg_gateway.bounds import clip
 from teg_gateway.clock import Clock
 from teg_gateway.fsutil import atomic_write
 from teg_gateway.mqttlink import ConnectionLost
+from teg_gateway.operations.rpc import Method
 from teg_gateway.store.state import load_state, quarantine
 
 log = logging.getLogger(__name__)
@@ -426,6 +427,7 @@ class Operation:
     - ``on_shared(changes)``: shared attribute changes (deleted keys as None);
     - ``on_message(topic, payload)``: a message on one of its subscriptions;
     - ``local_commands()``: the te/ commands it serves;
+    - ``rpc_methods()``: the ThingsBoard RPC methods it answers;
     - ``run()``: its background work, started once under the gateway's task group;
     - ``close()``: called at shutdown, in reverse order of registration.
     """
@@ -448,6 +450,9 @@ class Operation:
         return False
 
     def local_commands(self) -> list[LocalCommand]:
+        return []
+
+    def rpc_methods(self) -> list[Method]:
         return []
 
     async def run(self) -> None:

@@ -42,6 +42,7 @@ from teg_gateway.config import FilesSettings, Settings
 from teg_gateway.controller.queue import QUEUE_FILE
 from teg_gateway.fsutil import atomic_write_at
 from teg_gateway.operations.engine import CommandRepository, Nothing, Operation, encode
+from teg_gateway.operations.rpc import Method
 from teg_gateway.store.state import state_dir
 from teg_gateway.store.stores import ARCHIVE_FILE, OUTBOX_FILE
 
@@ -560,6 +561,14 @@ class FileManager(Operation):
         return self.repo.path
 
     # -- inputs -------------------------------------------------------------------------
+
+    def rpc_methods(self) -> list[Method]:
+        async def init_files(_params: dict[str, Any]) -> str:
+            return await self.init_files()
+
+        return [Method("init_files", "reset the file-management client attributes "
+                       "(FILE_HASHES, FILE_READ_*) and reconcile the managed files again",
+                       init_files)]
 
     def shared_keys(self) -> list[str]:
         """Shared keys to ask for on every connect (the contents follow once FILES is known)."""
