@@ -100,8 +100,8 @@ class Step(enum.StrEnum):
 
 
 @dataclass
-class Desired:
-    """A version ThingsBoard announced (shared attributes ``sw_*``)."""
+class Release:
+    """A controller version and where it comes from."""
 
     version: str
     title: str = ""
@@ -111,22 +111,21 @@ class Desired:
     algorithm: str = "SHA256"
     size: int | None = None
 
-    def same_release(self, other: Desired | UpdateJob) -> bool:
+    def same_release(self, other: Release) -> bool:
         return (self.version, self.kind, self.checksum, self.url) == (
             other.version, other.kind, other.checksum, other.url)
 
 
 @dataclass
-class UpdateJob:
+class Desired(Release):
+    """A version ThingsBoard announced (shared attributes ``sw_*``)."""
+
+
+@dataclass
+class UpdateJob(Release):
     """One update: what is installed, from where, and how far it got."""
 
-    version: str
-    title: str = ""
     kind: Kind = Kind.PACKAGE
-    url: str = ""
-    checksum: str = ""
-    algorithm: str = "SHA256"
-    size: int | None = None
     step: Step = Step.DOWNLOADING
     #: the chunk request id (ThingsBoard packages): fresh for every update
     request_id: str = ""
