@@ -34,7 +34,7 @@ import typing
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from teg_gateway.bounds import clip
 from teg_gateway.clock import Clock
@@ -591,3 +591,159 @@ def parse_request(payload: bytes) -> dict[str, Any] | None:
         log.warning("local command is not a JSON object; ignored: %.200r", payload)
         return None
     return value
+
+
+# -- a te/ command served the thin-edge.io way -------------------------------------------
+
+
+class CommandFailed(Exception):
+    """Raised by :meth:`CommandOperation.execute`: the command ends ``failed`` with this
+    message as its reason."""
+
+
+class CommandOperation(Operation, Generic[P]):
+    """The whole life of a local bus command, for an operation to fill in.
+
+    Subclass it, set ``name`` (the te/ command: ``te/device/main///cmd/<name>/<id>``),
+    ``capability`` (published retained on ``.../cmd/<name>``) and ``payload_type`` (a
+    dataclass whose fields all have defaults: the typed view of a request), and implement
+    :meth:`execute`. The base class
+
+    - acts on ``init`` only, once per command id (the operation's own states coming back
+      from the broker, and a repeated ``init``, are ignored; a command the requester
+      cleared may have its id used again);
+    - decodes the request into ``payload_type`` (a field of the wrong type: ``failed``,
+      with a reason naming it); every field of the request is carried unchanged into each
+      state (the payload itself is not published);
+    - saves ``executing`` before publishing it, runs :meth:`execute`, saves and publishes
+      ``successful`` (with the fields :meth:`execute` returned) or ``failed`` (the message
+      of :class:`CommandFailed`, or of any other exception, as the reason);
+    - publishes each final state until the broker acknowledges it, then marks it
+      delivered;
+    - at start (:meth:`run`) hands every command left ``executing`` to :meth:`resume`
+      (by default :meth:`execute` again) and publishes outcomes not yet delivered.
+
+    ``on_state(cmd)`` is called after every state is saved (to report telemetry, say).
+    """
+
+    capability: ClassVar[dict[str, Any]] = {}
+    payload_type: type[P]
+
+    def __init__(self, state_path: Path, channel: CommandChannel, *,
+                 clock: Clock | None = None, keep_finished: int = KEEP_FINISHED) -> None:
+        self.channel = channel
+        self.clock = clock or Clock()
+        self.repo: CommandRepository[P, Nothing] = CommandRepository(
+            state_path, self.payload_type, Nothing, clock=self.clock,
+            keep_finished=keep_finished)
+        self.runner = Runner()
+        self._loaded = False
+
+    async def execute(self, cmd: Command[P]) -> dict[str, Any] | None:
+        """Do the work of ``cmd``; the fields returned go into its ``successful`` state.
+        Raise :class:`CommandFailed` (or anything) to end it ``failed``."""
+        raise NotImplementedError
+
+    async def resume(self, cmd: Command[P]) -> dict[str, Any] | None:
+        """``cmd`` was executing when the gateway stopped; by default it runs again."""
+        return await self.execute(cmd)
+
+    def on_state(self, cmd: Command[P]) -> None:
+        return None
+
+    # -- registration --------------------------------------------------------------------
+
+    def local_commands(self) -> list[LocalCommand]:
+        return [LocalCommand(self.name, dict(self.capability), self.on_command)]
+
+    async def run(self) -> None:
+        self.load()
+        for cmd in self.repo.active():
+            self._spawn(cmd, self._work(cmd, resumed=True))
+        for cmd in self.repo.undelivered():
+            self._spawn(cmd, self._deliver(cmd))
+
+    async def close(self) -> None:
+        await self.runner.close()
+
+    def load(self) -> None:
+        """Read the repository once (a retained ``init`` may come before :meth:`run`)."""
+        if not self._loaded:
+            self._loaded = True
+            if self.repo.load() is not None:
+                for cmd in self.repo.commands.values():
+                    if not cmd.delivered:
+                        self._state(cmd)
+
+    # -- the life of a command -----------------------------------------------------------
+
+    def on_command(self, command_id: str, payload: bytes) -> None:
+        """Every message on ``.../cmd/<name>/<id>``."""
+        self.load()
+        known = self.repo.get(command_id)
+        if not payload:
+            if known is not None and known.final:
+                del self.repo.commands[command_id]  # cleared: the id may come again
+                self.repo.save()
+            return
+        request = parse_request(payload)
+        if request is None or request.get("status") != Status.INIT.value or known is not None:
+            return
+        fields = {k: v for k, v in request.items() if k not in ("status", "reason")}
+        try:
+            typed, _unknown = decode(self.payload_type, fields, self.name)
+        except PayloadError as exc:
+            cmd = self.repo.create(command_id, self.payload_type(), extra=fields,
+                                   status=Status.FAILED)
+            self.repo.resolve(cmd, Status.FAILED, str(exc))
+            self._state(cmd)
+            self._spawn(cmd, self._deliver(cmd))
+            return
+        cmd = self.repo.create(command_id, typed, extra=fields)
+        self._state(cmd)
+        self._spawn(cmd, self._work(cmd, resumed=False))
+
+    async def _work(self, cmd: Command[P], resumed: bool) -> None:
+        if not resumed and not await self.channel.send(self.topic(cmd), cmd.message(False)):
+            self._end(cmd, Status.FAILED, "the executing state could not be published on "
+                                          "the local broker")
+        else:
+            try:
+                result = await (self.resume(cmd) if resumed else self.execute(cmd))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not isinstance(exc, CommandFailed):
+                    log.error("%s %s failed unexpectedly: %r", self.name, cmd.id, exc,
+                              exc_info=exc)
+                self._end(cmd, Status.FAILED, str(exc) or type(exc).__name__)
+            else:
+                cmd.extra.update(result or {})
+                self._end(cmd, Status.SUCCESSFUL)
+        await self._deliver(cmd)
+
+    def _end(self, cmd: Command[P], status: Status, reason: str = "") -> None:
+        self.repo.resolve(cmd, status, reason)
+        self._state(cmd)
+
+    async def _deliver(self, cmd: Command[P]) -> None:
+        while not await self.channel.send(self.topic(cmd), cmd.message(False)):
+            log.warning("%s %s: outcome not published yet; trying again", self.name, cmd.id)
+        self.repo.delivered(cmd)
+
+    def topic(self, cmd: Command[P]) -> str:
+        return f"te/device/main///cmd/{self.name}/{cmd.id}"
+
+    def _state(self, cmd: Command[P]) -> None:
+        try:
+            self.on_state(cmd)
+        except Exception:
+            log.exception("%s %s: reporting its state failed", self.name, cmd.id)
+
+    def _spawn(self, cmd: Command[P], work: Coroutine[Any, Any, None]) -> None:
+        def crashed(exc: BaseException) -> None:
+            if not cmd.final:
+                self._end(cmd, Status.FAILED, f"unexpected failure: {exc!r}")
+                self.runner.spawn(self._deliver(cmd))
+
+        self.runner.spawn(work, key=cmd.id, on_error=crashed)
