@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 
 from conftest import needs_mosquitto
 from teg_gateway.clock import Clock
-from teg_gateway.cloud.routing import CloudRouter
 from teg_gateway.cloud.topics import RPC_REQUEST
 from teg_gateway.config import LocalMqttSettings
 from teg_gateway.local.bus import LocalBus
@@ -38,6 +37,7 @@ from teg_gateway.sandbox.broker import Mosquitto
 from teg_gateway.store.state import state_dir
 from test_forwarding import WAIT
 from test_local_bus import BusClient, retained
+from test_routing import RepliesKept
 
 # -- the example operation ----------------------------------------------------------------
 
@@ -216,17 +216,6 @@ def test_a_command_left_executing_is_finished_by_a_new_instance(broker: Mosquitt
     assert (rows["left-failing"]["status"], rows["left-failing"]["delivered"]) == (
         "failed", True)
     assert [r["echo_status"] for r in reports] == ["successful", "failed"]
-
-
-class RepliesKept(CloudRouter):
-    """The router with its RPC replies kept instead of published (as in test_routing)."""
-
-    def __init__(self) -> None:
-        self.replies: list[tuple[str, dict[str, Any]]] = []
-        super().__init__()
-
-    def send_rpc_reply(self, request_id: str, reply: dict[str, Any]) -> None:
-        self.replies.append((request_id, reply))
 
 
 def test_the_rpc_method_is_answered_by_the_router(tmp_path: Path) -> None:
