@@ -1,4 +1,4 @@
-"""The Docker runtime against a real container engine (issue 5), and OTA through it.
+"""The Docker runtime against a real container engine, and OTA through it.
 
 The engine is podman's Docker-compatible API service on a private socket (or the engine
 named by ``TEG_TEST_DOCKER_HOST``), driven through the Docker SDK exactly as a Docker

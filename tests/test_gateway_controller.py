@@ -1,4 +1,4 @@
-"""The controller supervised by a real gateway process (issue 5), end to end.
+"""The controller supervised by a real gateway process, end to end.
 
 Real gateway processes (``python -m teg_gateway run``), real mosquitto over TLS and the
 ThingsBoard stand-in, and real controllers: a small Python script in the test's temporary

@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from teg_gateway.bounds import clip
 from teg_gateway.clock import Clock
 from teg_gateway.fsutil import atomic_write
+from teg_gateway.local.topics import command_topic
 from teg_gateway.mqttlink import ConnectionLost
 from teg_gateway.operations.rpc import Method
 from teg_gateway.store.state import load_state, quarantine
@@ -576,6 +577,11 @@ class CommandChannel:
                 await self.clock.sleep(0.2)
         return False
 
+    async def deliver(self, topic: str, message: dict[str, Any] | None) -> None:
+        """:meth:`send` until the broker acknowledges (a final state must arrive)."""
+        while not await self.send(topic, message):
+            log.warning("local bus: %s not published yet; trying again", topic)
+
 
 def parse_request(payload: bytes) -> dict[str, Any] | None:
     """A local command message as a JSON object; None for a cleared command (empty
@@ -727,12 +733,11 @@ class CommandOperation(Operation, Generic[P]):
         self._state(cmd)
 
     async def _deliver(self, cmd: Command[P]) -> None:
-        while not await self.channel.send(self.topic(cmd), cmd.message(False)):
-            log.warning("%s %s: outcome not published yet; trying again", self.name, cmd.id)
+        await self.channel.deliver(self.topic(cmd), cmd.message(False))
         self.repo.delivered(cmd)
 
     def topic(self, cmd: Command[P]) -> str:
-        return f"te/device/main///cmd/{self.name}/{cmd.id}"
+        return f"{command_topic(self.name)}/{cmd.id}"
 
     def _state(self, cmd: Command[P]) -> None:
         try:

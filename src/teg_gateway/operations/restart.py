@@ -436,8 +436,7 @@ class RestartOperation(Operation):
             self._save(self.repo.put, cmd)
         if cmd.payload.via_bus:
             topic = topic_of(cmd.id)
-            while not await self.channel.send(topic, wire_message(cmd)):
-                log.warning("restart %s: outcome not published yet; trying again", cmd.id)
+            await self.channel.deliver(topic, wire_message(cmd))
             if cmd.id.startswith(RPC_PREFIX):
                 await self.channel.send(topic, None)  # the gateway is the requester
         self._save(self.repo.delivered, cmd)
