@@ -91,10 +91,6 @@ class FakeClock(Clock):
         """How many sleepers wait now."""
         return sum(1 for _t, fut in self._sleepers if not fut.done())
 
-    def next_deadline(self) -> float | None:
-        waiting = [t for t, fut in self._sleepers if not fut.done()]
-        return min(waiting) if waiting else None
-
     async def advance(self, seconds: float) -> None:
         """Move time forward, waking every sleeper whose deadline has come (in order),
         and let the woken tasks run."""

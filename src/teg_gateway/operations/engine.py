@@ -505,10 +505,6 @@ class Runner:
         task.add_done_callback(ended)
         return True
 
-    def running(self, key: str) -> bool:
-        task = self._keys.get(key)
-        return task is not None and not task.done()
-
     async def close(self) -> None:
         tasks = list(self._tasks)
         for task in tasks:
@@ -518,28 +514,21 @@ class Runner:
 
 class Lane:
     """One thing at a time across operations (a controller update from ThingsBoard or
-    from the local bus): who holds it, and an event when it is free again."""
+    from the local bus): who holds it."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.holder: str | None = None
-        self._free = asyncio.Event()
-        self._free.set()
 
     def take(self, holder: str) -> bool:
         if self.holder is not None and self.holder != holder:
             return False
         self.holder = holder
-        self._free.clear()
         return True
 
     def release(self, holder: str) -> None:
         if self.holder == holder:
             self.holder = None
-            self._free.set()
-
-    async def wait_free(self) -> None:
-        await self._free.wait()
 
 
 # -- the local bus side ----------------------------------------------------------------

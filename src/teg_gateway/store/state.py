@@ -1,10 +1,10 @@
 """Small durable state files (JSON objects, written atomically) under ``<data>/state``.
 
-:func:`load_state` and :func:`store_state` are the one way operations persist their
-progress. A file that cannot be parsed is never read as empty in silence: it is renamed
-to ``<name>.corrupt-<time>`` (kept for a post-mortem), logged as an ERROR, and the
-caller gets a :class:`Loaded` whose ``damage`` says what happened, so it can resolve the
-operation the file described as failed, with a reason.
+:func:`load_state` reads one (the operations' repositories in ``operations/engine.py``
+and :class:`StateFile` use it). A file that cannot be parsed is never read as empty in
+silence: it is renamed to ``<name>.corrupt-<time>`` (kept for a post-mortem), logged as
+an ERROR, and the caller gets a :class:`Loaded` whose ``damage`` says what happened, so it
+can resolve the operation the file described as failed, with a reason.
 """
 
 from __future__ import annotations
