@@ -22,6 +22,7 @@ from conftest import GatewayFactory, needs_mosquitto
 from teg_gateway.sandbox.controller import QueueWriter, make_records
 from teg_gateway.sandbox.process import GatewayProcess
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
+from teg_gateway.store.outbox import TELEMETRY, stored_records
 
 pytestmark = needs_mosquitto
 
@@ -118,8 +119,12 @@ def query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 def outbox_seqs(data_dir: Path) -> list[int]:
     """The ``seq`` of every telemetry record in the outbox, in id order."""
     seqs = []
-    for (body,) in query(data_dir / "outbox.db", "SELECT body FROM outbox WHERE kind = 0 "
-                                                 "ORDER BY id"):
+    conn = sqlite3.connect(data_dir / "outbox.db")
+    try:
+        bodies = stored_records(conn, TELEMETRY)
+    finally:
+        conn.close()
+    for body in bodies:
         values = json.loads(body).get("values", {})
         if "seq" in values:
             seqs.append(values["seq"])
@@ -283,8 +288,9 @@ def test_a_record_damaged_in_the_outbox_does_not_block_it(
     assert gateway.stop() == 0
     conn = sqlite3.connect(outbox)
     with conn:
-        conn.execute("UPDATE outbox SET body = substr(body, 1, 20) WHERE id = (SELECT id "
-                     "FROM outbox WHERE kind = 0 AND body LIKE '%\"seq\":150,%')")
+        # One byte of one record (rows hold several records: the others stay intact).
+        conn.execute("UPDATE outbox SET body = replace(body, '\"seq\":150,', '\"seq\":150:') "
+                     "WHERE kind = 0 AND body LIKE '%\"seq\":150,%'")
     conn.close()
     thingsboard.start()
     gateway.start()

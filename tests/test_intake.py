@@ -27,6 +27,7 @@ from teg_gateway.store import deadletters
 from teg_gateway.store.archive import BUILD_MS, DAY_MS
 from teg_gateway.store.db import transaction
 from teg_gateway.store.deadletters import dead_letter_bytes
+from teg_gateway.store.outbox import stored_records
 from teg_gateway.store.stores import Stores
 
 MAX_PAYLOAD = 49152
@@ -48,8 +49,7 @@ def run_all(core: IntakeCore) -> list[IntakeResult]:
 
 
 def outbox_seqs(stores: Stores) -> list[int]:
-    return [json.loads(b)["values"]["seq"] for (b,) in stores.conn.execute(
-        "SELECT body FROM outbox ORDER BY id")]
+    return [json.loads(text)["values"]["seq"] for text in stored_records(stores.conn)]
 
 
 def archive_seqs(stores: Stores) -> list[int]:
@@ -164,9 +164,7 @@ def test_invalid_utf8_in_a_rejected_row_is_a_clear_dead_letter(
     result = core.step()
     assert (result.taken, result.forwarded, result.dead) == (3, 2, 1)
     assert result.dead_detail == "row 1 (type '\ufffd\ufffd telemetry'): message is not valid JSON"
-    (stored,) = stores.conn.execute(
-        "SELECT CAST(body AS BLOB) FROM outbox ORDER BY id LIMIT 1").fetchone()
-    assert stored == b'{"ts":1,"values":{"a":"\xff"}}'
+    assert stored_records(stores.conn)[0] == b'{"ts":1,"values":{"a":"\xff"}}'
 
 
 @pytest.mark.parametrize("ts", [0, -1, 1, 2**63 - 1, -(2**63), 4_102_444_800_000,
@@ -254,9 +252,9 @@ def test_every_queue_row_ends_forwarded_or_dead_with_a_reason(
         assert len(dead_rows) == dead
         assert all(reason and len(reason) <= deadletters.MAX_REASON for _q, reason in dead_rows)
         assert queue_ids(writer) == []
-        (last,) = stores.conn.execute("SELECT body FROM outbox ORDER BY id DESC").fetchone()
-        assert json.loads(last) == {"ts": 1, "values": {"seq": 1}}, "intake keeps going"
-        for (body,) in stores.conn.execute("SELECT CAST(body AS BLOB) FROM outbox"):
+        records = stored_records(stores.conn)
+        assert json.loads(records[-1]) == {"ts": 1, "values": {"seq": 1}}, "intake keeps going"
+        for body in records:
             json.loads(body.decode("utf-8", "replace"))  # every forwarded body is JSON
     finally:
         writer.close()

@@ -18,7 +18,14 @@ import pytest
 from teg_gateway.controller.intake import IntakeConfig, IntakeCore, IntakeResult
 from teg_gateway.sandbox.controller import QueueWriter, make_records
 from teg_gateway.store.archive import BUILD_MS, DAY_MS
-from teg_gateway.store.outbox import ATTRIBUTES, TELEMETRY, Batch, Outbox, telemetry_body
+from teg_gateway.store.outbox import (
+    ATTRIBUTES,
+    TELEMETRY,
+    Batch,
+    Outbox,
+    stored_records,
+    telemetry_body,
+)
 from teg_gateway.store.stores import Stores
 
 MAX_PAYLOAD = 49152
@@ -29,8 +36,7 @@ MAX_PAYLOAD = 49152
 
 def outbox_bodies(stores: Stores, kind: int | None = TELEMETRY) -> list[Any]:
     """Decoded bodies of the outbox rows (of ``kind``; all kinds with None), in id order."""
-    rows = stores.conn.execute("SELECT kind, body FROM outbox ORDER BY id").fetchall()
-    return [json.loads(body) for k, body in rows if kind is None or k == kind]
+    return [json.loads(text) for text in stored_records(stores.conn, kind)]
 
 
 def outbox_seqs(stores: Stores) -> list[int]:

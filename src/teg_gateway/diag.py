@@ -208,6 +208,7 @@ def _count(path: Path, queries: dict[str, str]) -> list[str]:
 def _databases(settings: Settings) -> str:
     lines = _count(settings.data_dir / OUTBOX_FILE, {
         "outbox rows": "SELECT count(*) FROM outbox",
+        "outbox records": "SELECT coalesce(sum(records), count(*)) FROM outbox",
         "dead letters": "SELECT count(*) FROM dead_letter",
         "counters": "SELECT group_concat(name || '=' || value, ', ') FROM counters"})
     lines += _count(settings.data_dir / ARCHIVE_FILE,

@@ -10,6 +10,7 @@ from teg_gateway.clock import now_ms
 from teg_gateway.cloud import credentials
 from teg_gateway.config import Settings
 from teg_gateway.controller.queue import QUEUE_FILE
+from teg_gateway.store.outbox import pending_records
 from teg_gateway.store.state import cloud_state
 from teg_gateway.store.stores import ARCHIVE_FILE, OUTBOX_FILE
 
@@ -92,7 +93,7 @@ def _outbox_lines(path: Path, now: int) -> list[str]:
         if conn is None:
             return ["outbox: not created yet"]
         with conn:
-            depth = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            depth = pending_records(conn)
             oldest = conn.execute("SELECT created_ms FROM outbox ORDER BY id LIMIT 1").fetchone()
             counters = dict(conn.execute("SELECT name, value FROM counters").fetchall())
             dead = conn.execute("SELECT count(*) FROM dead_letter").fetchone()[0]

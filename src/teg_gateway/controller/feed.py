@@ -77,7 +77,8 @@ class Feed:
         session = self._session()
         if session is None or not session.connected.is_set():
             return False
-        return self.stores.outbox.unsent() > BACKLOG_BATCHES * self.intake.batch_size
+        limit = BACKLOG_BATCHES * self.intake.batch_size
+        return self.stores.outbox.unsent(cap_rows=limit + 1) > limit
 
     # -- the local bus ----------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ from teg_gateway.controller.queue import (
 )
 from teg_gateway.store import db, deadletters
 from teg_gateway.store.db import add_counter, used_bytes
-from teg_gateway.store.outbox import TELEMETRY
+from teg_gateway.store.outbox import TELEMETRY, pack_rows
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,12 @@ ARCHIVE_ROWS = ("INSERT INTO archive.records (ts, type, body) "
                 "SELECT ts, type, body FROM temp.intake_batch "
                 "WHERE id > ? AND id <= ? AND reason IS NULL "
                 "AND instr(coalesce(type, ''), 'log') = 0 ORDER BY id")
+# The good rows of the batch table in order, their texts and byte sizes joined by commas.
+JOINED_BATCH = ("SELECT CAST(group_concat(body, ',') AS BLOB), "
+                "group_concat(length(CAST(body AS BLOB)), ',') "
+                "FROM (SELECT body FROM temp.intake_batch WHERE reason IS NULL ORDER BY id)")
+# Outbox rows are cut at this size when no payload limit is configured.
+DEFAULT_ROW_BYTES = 49150
 DEAD_ROWS = ("SELECT id AS queue_id, type, message, reason FROM temp.intake_batch "
              "WHERE reason IS NOT NULL ORDER BY id")
 BUSY_TIMEOUT_MS = 5000
@@ -301,12 +307,11 @@ class IntakeCore:
         created = now_ms()
         conn.execute("BEGIN")
         try:
-            before = conn.total_changes
-            conn.execute(  # the first statement writes the outbox: only it is locked
-                "INSERT INTO main.outbox (kind, body, created_ms) "
-                "SELECT ?, body, ? FROM temp.intake_batch WHERE reason IS NULL ORDER BY id",
-                (TELEMETRY, created))
-            result.forwarded = conn.total_changes - before
+            rows = self._outbox_rows()
+            result.forwarded = sum(row[1] for row in rows)
+            conn.executemany(  # the first statement writes the outbox: only it is locked
+                "INSERT INTO main.outbox (kind, body, created_ms, records, sizes) "
+                f"VALUES ({TELEMETRY}, CAST(? AS TEXT), {created}, ?, ?)", rows)
             if dead:
                 deadletters.add(conn, DEAD_ROWS, cap_bytes=self.config.dead_letter_cap_bytes)
             add_counter(conn, "records_accepted", result.forwarded)
@@ -322,6 +327,15 @@ class IntakeCore:
         if self.archived >= previous:  # else older rows are pending: archived from the queue
             result.archived = self._archive_batch(self.mark)
         return result
+
+    def _outbox_rows(self) -> list[tuple[bytes, int, str | None]]:
+        """The good rows of the batch table packed into outbox rows, each at most what one
+        publish carries: one SQL call joins the whole batch, Python only cuts it."""
+        joined, sizes = self._conn().execute(JOINED_BATCH).fetchone()
+        if not joined:
+            return []
+        return pack_rows(joined, [int(size) for size in sizes.split(",")],
+                         self.max_record_bytes or DEFAULT_ROW_BYTES)
 
     def _archive_batch(self, upto: int) -> int:
         """Step 2 for the rows in the batch table; a failure leaves them pending."""

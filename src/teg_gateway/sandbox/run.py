@@ -280,9 +280,8 @@ def _waiting_seqs(data: Path) -> set[int]:
             conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
             try:
                 for (text,) in conn.execute(sql):
-                    match = _SEQ.search(str(text))
-                    if match:
-                        found.add(int(match.group(1)))
+                    # An outbox row may hold several records.
+                    found.update(int(m.group(1)) for m in _SEQ.finditer(str(text)))
             finally:
                 conn.close()
         except sqlite3.Error:

@@ -3,10 +3,20 @@
 Rows are ordered by id. Telemetry bodies are stored as ThingsBoard's ``{"ts","values"}``
 JSON text, so a publish is made by joining stored texts into a JSON array: no record is
 parsed on the way out.
+
+A telemetry row may hold several records (the intake packs each batch so, up to what one
+publish carries): ``body`` is their texts joined by commas, ``records`` their number and
+``sizes`` the byte length of each (comma-separated; NULL for a row of one record). Such a
+row is sent, acknowledged and deleted as a whole, so a drain costs a few rows per publish
+instead of one per record. Only when the server's limits are smaller than the row (a
+smaller ``maxPayloadSize``, a data-point limit) is it split into its records on the way
+out; the records acknowledged are then remembered, and the row is deleted once all of
+them are, or rewritten without them when the connection ends.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 from collections import deque
@@ -26,16 +36,19 @@ TOPICS = {TELEMETRY: topics.TELEMETRY, ATTRIBUTES: topics.ATTRIBUTES}
 KIND_NAMES = {TELEMETRY: "telemetry", ATTRIBUTES: "attributes"}
 
 # Data points of a stored telemetry record, as ThingsBoard counts them (one per key of
-# ``values``); -1 for a body that is not JSON (it can never be sent).
-POINTS_SQL = ("CASE WHEN kind <> 0 THEN 0 WHEN json_valid(body) THEN "
-              "(SELECT count(*) FROM json_each(body, '$.values')) ELSE -1 END")
+# ``values``); -1 for a body that is not JSON (it can never be sent); NULL for a row of
+# several records (counted record by record when it is split).
+POINTS_SQL = ("CASE WHEN kind <> 0 THEN 0 WHEN records > 1 THEN NULL WHEN json_valid(body) "
+              "THEN (SELECT count(*) FROM json_each(body, '$.values')) ELSE -1 END")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind INTEGER NOT NULL,
     body TEXT NOT NULL,
-    created_ms INTEGER NOT NULL
+    created_ms INTEGER NOT NULL,
+    records INTEGER NOT NULL DEFAULT 1,
+    sizes TEXT
 );
 -- Client attributes go out ahead of the telemetry backlog: found without a scan of it.
 CREATE INDEX IF NOT EXISTS outbox_not_telemetry ON outbox (id) WHERE kind <> 0;
@@ -53,16 +66,25 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 """
 
+# Columns added since the first release, for outbox files made before them.
+ADDED_COLUMNS = (("records", "INTEGER NOT NULL DEFAULT 1"), ("sizes", "TEXT"))
+
+# Reading ahead stops at whichever comes first.
 READ_AHEAD = 4096
+READ_AHEAD_BYTES = 512 * 1024
 
 
-# One row read ahead: (id, kind, body, data points).
-Row = tuple[int, int, bytes, int]
+# What is read ahead and handed out: a whole row, or some of the records of a row of
+# several (after a split): (row id, kind, body, data points, first record, records, records
+# in the row). Data points are -1 for a body that is not JSON, and None where not counted
+# (a row of several records).
+Piece = tuple[int, int, bytes, int | None, int, int, int]
+Row = Piece
 
 
 @dataclass(frozen=True)
 class Batch:
-    """One publish: the outbox rows ``first_id..last_id`` (all of one kind)."""
+    """One publish: pieces of the outbox rows ``first_id..last_id`` (all of one kind)."""
 
     first_id: int
     last_id: int
@@ -70,7 +92,7 @@ class Batch:
     count: int
     payload: bytes
     points: int = 0
-    rows: tuple[Row, ...] = ()
+    rows: tuple[Piece, ...] = ()
 
     @property
     def topic(self) -> str:
@@ -93,15 +115,22 @@ class Outbox:
         self.count_points = False
         self.dead_letter_cap_bytes = DEAD_LETTER_CAP_BYTES
         self._read_upto = 0
-        self._ahead: deque[Row] = deque()
+        self._ahead: deque[Piece] = deque()
         # Messages other than telemetry (client attributes): read on a cursor of their own
         # and sent first. ``_others_maybe``: there may be some not read yet.
         self._others_upto = 0
-        self._others: deque[Row] = deque()
+        self._others: deque[Piece] = deque()
         self._others_maybe = True
         # Ranges ThingsBoard acknowledged whose delete failed (a full disk, say): never
-        # sent again, deleted again later.
-        self._unsettled: list[tuple[int, int]] = []
+        # sent again, deleted again later. (first id, last id, kind)
+        self._unsettled: list[tuple[int, int, int]] = []
+        # Rows of several records of which some, not all, are settled (acknowledged or
+        # moved to the dead letters): row id -> indices of those records. They are not
+        # handed out again; the row goes when all are settled, or is rewritten without
+        # them at the next rewind.
+        self._done: dict[int, set[int]] = {}
+        # The sizes column of the rows of several records read ahead.
+        self._sizes: dict[int, str | None] = {}
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -142,10 +171,11 @@ class Outbox:
         """The next publish after those already handed out, or None when all are out.
 
         Client attributes go first, one row per publish, ahead of the telemetry backlog.
-        Telemetry rows are packed into one JSON array of at most ``max_bytes`` bytes
-        (default ``max_record_bytes`` + 2) and ``max_points`` data points. A row that could
-        never be sent within these limits goes to the dead letters, with the reason, and
-        the next row is taken.
+        Telemetry is packed into one JSON array of at most ``max_bytes`` bytes (default
+        ``max_record_bytes`` + 2) and ``max_points`` data points. A row of several records
+        goes whole when it fits alone and no data points are counted, else record by
+        record. A record that could never be sent within these limits goes to the dead
+        letters, with the reason, and the next one is taken.
         """
         limit = self.max_record_bytes + 2 if max_bytes is None else max_bytes
         while (other := self._next_other()) is not None:
@@ -153,44 +183,49 @@ class Outbox:
             if reason is None:
                 return Batch(other[0], other[0], other[1], 1, other[2], 0, (other,))
             self.dead_letter_rows([other[0]], reason)
-        while True:
-            row = self._next_row()
-            if row is None:
-                return None
-            reason = _never_fits(row, limit, max_points)
-            if reason is None:
-                break
-            self.dead_letter_rows([row[0]], reason)
-        first_id, _kind, body, points = row
-        rows = [row]
-        bodies = [body]
-        size = len(body) + 2
-        total = points
         ahead = self._ahead
-        # The per-record loop of a drain: kept to a few operations a row.
+        pieces: list[Piece] = []
+        bodies: list[bytes] = []
+        size = 1
+        count = total = 0
+        # The loop of a drain runs once per row, and a row is most often a whole publish.
         while True:
             if not ahead:
                 self._read_ahead()
                 if not ahead:
                     break
-            following = ahead[0]
-            next_body = following[2]
-            size += len(next_body) + 1
-            if size > limit or (
-                    max_points is not None and total + following[3] > max_points):
+            piece = ahead[0]
+            body = piece[2]
+            if piece[5] > 1 and (max_points is not None or len(body) + 2 > limit):
+                self._split_first(count_points=max_points is not None)
+                continue
+            if not pieces:
+                reason = _never_fits(piece, limit, max_points)
+                if reason is not None:
+                    ahead.popleft()
+                    self._dead_letter_piece(piece, reason)
+                    continue
+            points = piece[3] or 0
+            if size + len(body) + 1 > limit or (
+                    max_points is not None and total + points > max_points):
                 break
             ahead.popleft()
-            rows.append(following)
-            bodies.append(next_body)
-            total += following[3]
-        return Batch(first_id, rows[-1][0], TELEMETRY, len(rows),
-                     b"[" + b",".join(bodies) + b"]", total, tuple(rows))
+            pieces.append(piece)
+            bodies.append(body)
+            size += len(body) + 1
+            count += piece[5]
+            total += points
+        if not pieces:
+            return None
+        return Batch(pieces[0][0], pieces[-1][0], TELEMETRY, count,
+                     b"[" + b",".join(bodies) + b"]", total, tuple(pieces))
 
-    def _next_other(self) -> Row | None:
+    def _next_other(self) -> Piece | None:
         if not self._others and self._others_maybe:
             rows = self.conn.execute(
-                "SELECT id, kind, CAST(body AS BLOB), 0 FROM outbox WHERE kind <> 0 AND id > ? "
-                "ORDER BY id LIMIT 64", (self._others_upto,)).fetchall()
+                "SELECT id, kind, CAST(body AS BLOB), 0, 0, 1, 1 FROM outbox "
+                "WHERE kind <> 0 AND id > ? ORDER BY id LIMIT 64",
+                (self._others_upto,)).fetchall()
             if rows:
                 self._others_upto = rows[-1][0]
                 self._others.extend(r for r in rows if not self._is_unsettled(r[0]))
@@ -203,63 +238,174 @@ class Outbox:
         queue = self._ahead if batch.kind == TELEMETRY else self._others
         queue.extendleft(reversed(batch.rows))
 
-    def _next_row(self) -> Row | None:
-        row = self._peek_row()
-        if row is not None:
-            self._ahead.popleft()
-        return row
-
-    def _peek_row(self) -> Row | None:
-        if not self._ahead:
-            self._read_ahead()
-        return self._ahead[0] if self._ahead else None
-
     def _read_ahead(self) -> None:
+        """Read the next telemetry rows, up to READ_AHEAD rows or READ_AHEAD_BYTES."""
         points = POINTS_SQL if self.count_points else "0"
-        rows = self.conn.execute(
-            f"SELECT id, kind, CAST(body AS BLOB), {points} FROM outbox "
-            "WHERE kind = 0 AND id > ? ORDER BY id LIMIT ?",
-            (self._read_upto, READ_AHEAD)).fetchall()
-        if rows:
-            self._read_upto = rows[-1][0]
-            if self._unsettled:
-                rows = [r for r in rows if not self._is_unsettled(r[0])]
-            self._ahead.extend(rows)
+        cursor = self.conn.execute(
+            f"SELECT id, kind, CAST(body AS BLOB), {points}, records, sizes FROM outbox "
+            "WHERE kind = 0 AND id > ? ORDER BY id LIMIT ?", (self._read_upto, READ_AHEAD))
+        budget = READ_AHEAD_BYTES
+        want = 64
+        try:
+            while budget > 0 and (rows := cursor.fetchmany(want)):
+                self._read_upto = rows[-1][0]
+                for row_id, kind, body, row_points, row_records, sizes in rows:
+                    budget -= len(body)
+                    if self._unsettled and self._is_unsettled(row_id):
+                        continue
+                    records = row_records if isinstance(row_records, int) else 1
+                    records = max(records, 1)
+                    self._ahead.append((row_id, kind, body, row_points, 0, records, records))
+                    if records > 1:
+                        self._sizes[row_id] = sizes
+                        if row_id in self._done:
+                            self._split_last()
+                want = max(1, min(64, budget // max(1, len(rows[-1][2]))))
+        finally:
+            cursor.close()
+
+    def _split_first(self, count_points: bool) -> None:
+        """Replace the first piece read ahead (a row of several records) by its records."""
+        piece = self._ahead.popleft()
+        self._ahead.extendleft(reversed(self._records_of(piece, count_points)))
+
+    def _split_last(self) -> None:
+        """Split the last piece read ahead (a row partly settled) into its unsettled
+        records."""
+        piece = self._ahead.pop()
+        self._ahead.extend(self._records_of(piece, count_points=self.count_points))
+
+    def _records_of(self, piece: Piece, count_points: bool) -> list[Piece]:
+        """The records of ``piece`` (of a row of several) not settled yet, one piece each.
+        A row whose sizes do not match its text becomes one piece that can never be sent."""
+        row_id, kind, body, _points, first, _count, in_row = piece
+        texts = split_records(body, self._sizes.get(row_id), in_row)
+        if texts is None:
+            # Marked as not JSON: it goes to the dead letters when its turn comes.
+            return [(row_id, kind, body, -1, 0, 1, in_row)]
+        done = self._done.get(row_id, ())
+        return [(row_id, kind, text, _points_of(text) if count_points else 0, first + i, 1,
+                 in_row)
+                for i, text in enumerate(texts) if first + i not in done]
 
     def _is_unsettled(self, row_id: int) -> bool:
-        return any(first <= row_id <= last for first, last in self._unsettled)
+        return any(first <= row_id <= last for first, last, _ in self._unsettled)
 
-    def unsent(self) -> int:
-        """Rows not yet handed to the forwarder (an estimate from ids; cheap)."""
-        row = self.conn.execute("SELECT max(id) FROM outbox").fetchone()
-        newest = int(row[0]) if row and row[0] is not None else 0
-        return max(0, newest - self._read_upto) + len(self._ahead)
+    def unsent(self, cap_rows: int = 100_000) -> int:
+        """Records not yet handed to the forwarder; the rows beyond what was read ahead are
+        counted up to ``cap_rows`` of them (each holds at least one record)."""
+        row = self.conn.execute(
+            "SELECT coalesce(sum(records), 0) FROM (SELECT records FROM outbox "
+            "WHERE kind = 0 AND id > ? ORDER BY id LIMIT ?)",
+            (self._read_upto, cap_rows)).fetchone()
+        return int(row[0]) + sum(piece[5] for piece in self._ahead)
 
     def rewind(self) -> None:
-        """Forget what was handed out: the next batch starts at the oldest row again."""
+        """Forget what was handed out: the next batch starts at the oldest row again.
+
+        Rows of several records partly settled are rewritten without the settled ones
+        first; when that fails (a full disk), they stay remembered and are skipped when
+        read again."""
+        self._rewrite_done()
         self._read_upto = 0
         self._ahead.clear()
+        self._sizes.clear()
         self._others_upto = 0
         self._others.clear()
         self._others_maybe = True
 
+    def _rewrite_done(self) -> None:
+        if not self._done:
+            return
+        try:
+            with transaction(self.conn):
+                for row_id, done in self._done.items():
+                    self._rewrite_row(row_id, done)
+        except sqlite3.Error:
+            return
+        self._done.clear()
+
+    def _rewrite_row(self, row_id: int, drop: set[int]) -> None:
+        """Inside a transaction: rewrite a row of several records without ``drop`` (record
+        indices); delete it when none is left."""
+        row = self.conn.execute("SELECT CAST(body AS BLOB), records, sizes FROM outbox "
+                                "WHERE id = ?", (row_id,)).fetchone()
+        if row is None:
+            return
+        texts = split_records(row[0], row[2], row[1] if isinstance(row[1], int) else 1)
+        if texts is None:
+            return
+        keep = [text for i, text in enumerate(texts) if i not in drop]
+        if not keep:
+            self.conn.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+        elif len(keep) < len(texts):
+            body, records, sizes = pack_row(keep)
+            self.conn.execute("UPDATE outbox SET body = CAST(? AS TEXT), records = ?, sizes = ? "
+                              "WHERE id = ?", (body, records, sizes, row_id))
+
     def ack(self, batches: Iterable[Batch]) -> int:
-        """Delete acknowledged batches; returns the number of records removed.
+        """Settle acknowledged batches; returns the number of records removed (rows
+        deleted, records of a split row the first time they are acknowledged).
 
         When the delete fails (a full disk), the ranges are remembered: they are not
         handed out again, and their delete is tried again with the next acknowledgement
         (or ``settle``). The error is raised after that bookkeeping.
         """
-        ranges = [(b.first_id, b.last_id) for b in batches]
+        ranges: list[tuple[int, int, int]] = []
+        settled = 0
+        for batch in batches:
+            settled += self._settle_pieces(batch.rows, batch.kind, ranges)
         if not ranges and not self._unsettled:
-            return 0
+            if settled:
+                self._count_sent(settled)
+            return settled
         ranges = self._unsettled + ranges
         self._unsettled = []
         try:
-            return self._delete(ranges)
+            return settled + self._delete(ranges, settled)
         except sqlite3.Error:
             self._unsettled = ranges
             raise
+
+    def _settle_pieces(self, pieces: Iterable[Piece], kind: int,
+                       ranges: list[tuple[int, int, int]]) -> int:
+        """Add to ``ranges`` the (first id, last id, kind) ranges of whole rows settled by
+        ``pieces``; the records of split rows are remembered. Returns how many of those
+        were new (a split row settled in full is added as a range of records 0).
+
+        Consecutive whole rows of one batch leave no row of their kind between them
+        unsent, so one range covers them; a split row ends a range."""
+        start = last = -1
+        new = 0
+        for piece in pieces:
+            if piece[5] != piece[6]:
+                added, complete = self._settle_records(piece)
+                new += added
+                if start >= 0:
+                    ranges.append((start, last, kind))
+                    start = -1
+                if complete:
+                    ranges.append((piece[0], piece[0], -1 - kind))
+                continue
+            if start < 0:
+                start = piece[0]
+            last = piece[0]
+        if start >= 0:
+            ranges.append((start, last, kind))
+        return new
+
+    def _settle_records(self, piece: Piece) -> tuple[int, bool]:
+        """Remember the records of ``piece`` (some of a row) as settled: (how many were
+        not yet, whether the whole row now is)."""
+        done = self._done.setdefault(piece[0], set())
+        before = len(done)
+        done.update(range(piece[4], piece[4] + piece[5]))
+        added = len(done) - before
+        if len(done) < piece[6]:
+            return added, False
+        del self._done[piece[0]]
+        self._sizes.pop(piece[0], None)
+        return added, True
 
     def settle(self) -> int:
         """Try again to delete acknowledged ranges whose delete failed."""
@@ -270,46 +416,97 @@ class Outbox:
         """Acknowledged ranges still waiting for their delete."""
         return len(self._unsettled)
 
-    def _delete(self, ranges: list[tuple[int, int]]) -> int:
+    def _delete(self, ranges: list[tuple[int, int, int]], settled: int) -> int:
+        """Delete the rows of ``ranges`` (a negative kind: a split row whose records were
+        counted when settled); returns the records removed, ``settled`` records of split
+        rows added to the ``records_sent`` counter with them."""
+        removed = 0
         # Losing an acknowledgement in a power cut only means a duplicate later, so this
         # commit need not wait for the disk.
         self.conn.execute("PRAGMA main.synchronous = NORMAL")
         try:
             with transaction(self.conn):
-                before = self.conn.total_changes
-                self.conn.executemany("DELETE FROM outbox WHERE id BETWEEN ? AND ?", ranges)
-                removed = self.conn.total_changes - before
-                add_counter(self.conn, "records_sent", removed)
+                for first, last, kind in ranges:
+                    rows = self.conn.execute(
+                        "DELETE FROM outbox WHERE id BETWEEN ? AND ? AND kind = ? "
+                        "RETURNING records", (first, last, kind if kind >= 0 else -1 - kind)
+                    ).fetchall()
+                    if kind >= 0:
+                        removed += sum(row[0] for row in rows)
+                add_counter(self.conn, "records_sent", removed + settled)
         finally:
             self.conn.execute("PRAGMA main.synchronous = FULL")
         return removed
 
+    def _count_sent(self, settled: int) -> None:
+        with transaction(self.conn):
+            add_counter(self.conn, "records_sent", settled)
+
     def check_rows(self, first_id: int, last_id: int) -> int:
-        """Check the rows ``first_id..last_id`` one by one, as ThingsBoard would read them;
-        a damaged one goes to the dead letters. Returns how many did."""
-        bad: dict[str, list[int]] = {}
-        for row_id, kind, body in self.conn.execute(
-                "SELECT id, kind, CAST(body AS BLOB) FROM outbox WHERE id BETWEEN ? AND ?",
-                (first_id, last_id)):
-            reason = _damage(kind, body)
-            if reason is not None:
-                bad.setdefault(reason, []).append(row_id)
-        for reason, ids in bad.items():
+        """Check the rows ``first_id..last_id`` record by record, as ThingsBoard would read
+        them; a damaged one goes to the dead letters. Returns how many did."""
+        self._rewrite_done()
+        bad_rows: dict[str, list[int]] = {}
+        bad_records: list[tuple[int, set[int], list[tuple[str, str, str]]]] = []
+        for row_id, kind, body, records, sizes in self.conn.execute(
+                "SELECT id, kind, CAST(body AS BLOB), records, sizes FROM outbox "
+                "WHERE id BETWEEN ? AND ?", (first_id, last_id)).fetchall():
+            texts = split_records(body, sizes, records if isinstance(records, int) else 1)
+            if texts is None:
+                bad_rows.setdefault("damaged in the outbox: the sizes of its records do not "
+                                    "match its text", []).append(row_id)
+                continue
+            if len(texts) == 1:
+                reason = _damage(kind, body)
+                if reason is not None:
+                    bad_rows.setdefault(reason, []).append(row_id)
+                continue
+            drop: set[int] = set()
+            letters = []
+            for i, text in enumerate(texts):
+                reason = _damage(kind, text)
+                if reason is not None:
+                    drop.add(i)
+                    letters.append((KIND_NAMES[TELEMETRY], _text(text), reason))
+            if drop:
+                bad_records.append((row_id, drop, letters))
+        for reason, ids in bad_rows.items():
             self.dead_letter_rows(ids, reason)
+        if bad_records:
+            with transaction(self.conn):
+                for row_id, drop, letters in bad_records:
+                    deadletters.add_rows(self.conn, letters,
+                                         cap_bytes=self.dead_letter_cap_bytes)
+                    self._rewrite_row(row_id, drop)
+        bad = sum(len(ids) for ids in bad_rows.values()) + sum(
+            len(drop) for _, drop, _ in bad_records)
         if bad:
             self.rewind()
-        return sum(len(ids) for ids in bad.values())
+        return bad
 
     def dead_letter_rows(self, ids: Sequence[int], reason: str) -> None:
         """Move outbox rows that can never be sent to the dead letters, with the reason."""
         deadletters.move_from_outbox(self.conn, ids, reason,
                                      cap_bytes=self.dead_letter_cap_bytes)
 
+    def _dead_letter_piece(self, piece: Piece, reason: str) -> None:
+        """A piece that can never be sent: a whole row moves to the dead letters; a record
+        of a row of several is copied there and settled (the row goes once all are)."""
+        if piece[5] == piece[6] and piece[0] not in self._done:
+            self.dead_letter_rows([piece[0]], reason)
+            return
+        with transaction(self.conn):
+            deadletters.add_rows(self.conn, [(KIND_NAMES[TELEMETRY], _text(piece[2]), reason)],
+                                 cap_bytes=self.dead_letter_cap_bytes)
+        if self._settle_records(piece)[1]:
+            self._unsettled.append((piece[0], piece[0], -1 - TELEMETRY))
+            self.settle()
+
     # -- figures --------------------------------------------------------------------------
 
     def depth(self) -> int:
-        row = self.conn.execute("SELECT count(*) FROM outbox").fetchone()
-        return int(row[0])
+        """Records in the outbox."""
+        return pending_records(self.conn)
 
     def oldest_age_ms(self) -> int | None:
         row = self.conn.execute("SELECT created_ms FROM outbox ORDER BY id LIMIT 1").fetchone()
@@ -331,18 +528,19 @@ class Outbox:
         used -= dead_letter_bytes(self.conn)
         if used <= quota_bytes:
             return 0
-        count = self.depth()
+        count = int(self.conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
         if count == 0:
             return 0
         per_row = max(1, used // count)
         to_drop = max(1, (used - int(quota_bytes * 0.9)) // per_row)
         with transaction(self.conn):
-            before = self.conn.total_changes
-            self.conn.execute(
-                "DELETE FROM outbox WHERE id IN "
-                "(SELECT id FROM outbox WHERE kind = ? ORDER BY id LIMIT ?)",
-                (TELEMETRY, to_drop))
-            dropped = self.conn.total_changes - before
+            oldest = self.conn.execute(
+                "SELECT id, records FROM outbox WHERE kind = ? ORDER BY id LIMIT ?",
+                (TELEMETRY, to_drop)).fetchall()
+            if oldest:
+                self.conn.execute("DELETE FROM outbox WHERE kind = ? AND id <= ?",
+                                  (TELEMETRY, oldest[-1][0]))
+            dropped = int(sum(records for _, records in oldest))
             add_counter(self.conn, "records_dropped", dropped)
         # Rows read ahead may be among those dropped: read them again. Rows already in
         # flight stay in flight (their acknowledgement then deletes nothing).
@@ -355,16 +553,16 @@ class Outbox:
         return get_counter(self.conn, name)
 
 
-def _never_fits(row: Row, max_bytes: int, max_points: int | None) -> str | None:
+def _never_fits(row: Piece, max_bytes: int, max_points: int | None) -> str | None:
     """Why ``row`` can never be sent within these limits (None: it can)."""
-    _, kind, body, points = row
+    kind, body, points = row[1], row[2], row[3]
     size = len(body) + (2 if kind == TELEMETRY else 0)
     if size > max_bytes:
         return (f"message is {len(body)} bytes; a publish may carry at most {max_bytes} "
                 "bytes (the server's maxPayloadSize)")
-    if points < 0:
+    if points is not None and points < 0:
         return "message is not valid JSON"
-    if kind == TELEMETRY and max_points is not None and points > max_points:
+    if kind == TELEMETRY and max_points is not None and (points or 0) > max_points:
         return (f"record has {points} data points; the server's telemetryDataPoints limit "
                 f"allows at most {max_points} in one publish")
     return None
@@ -388,3 +586,105 @@ def telemetry_body(values: dict[str, object], ts_ms: int | None = None) -> str:
     """ThingsBoard's ``{"ts","values"}`` text for one record."""
     return json.dumps({"ts": now_ms() if ts_ms is None else ts_ms, "values": values},
                       separators=(",", ":"), default=str)
+
+
+def stored_records(conn: sqlite3.Connection, kind: int | None = None) -> list[bytes]:
+    """The text of every message in the outbox of ``conn``, a record each, in order (for
+    tools and tests; the forwarder reads rows)."""
+    texts: list[bytes] = []
+    for row_kind, body, records, sizes in conn.execute(
+            "SELECT kind, CAST(body AS BLOB), records, sizes FROM outbox ORDER BY id"):
+        if kind is not None and row_kind != kind:
+            continue
+        parts = split_records(body, sizes, records) or [body]
+        texts.extend(parts)
+    return texts
+
+
+def pending_records(conn: sqlite3.Connection) -> int:
+    """Records in the outbox of ``conn`` (also of a file of an earlier release: a record
+    a row)."""
+    try:
+        row = conn.execute("SELECT coalesce(sum(records), 0) FROM outbox").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such column" not in str(exc):
+            raise
+        row = conn.execute("SELECT count(*) FROM outbox").fetchone()
+    return int(row[0])
+
+
+def add_columns(conn: sqlite3.Connection) -> None:
+    """Give an outbox file made by an earlier release the columns added since."""
+    have = {row[1] for row in conn.execute("PRAGMA main.table_info(outbox)")}
+    for name, decl in ADDED_COLUMNS:
+        if name not in have:
+            conn.execute(f"ALTER TABLE main.outbox ADD COLUMN {name} {decl}")
+
+
+def pack_row(texts: Sequence[bytes]) -> tuple[bytes, int, str | None]:
+    """(body, records, sizes) of a telemetry row holding ``texts``."""
+    if len(texts) == 1:
+        return texts[0], 1, None
+    return b",".join(texts), len(texts), ",".join(str(len(text)) for text in texts)
+
+
+def pack_rows(joined: bytes, sizes: Sequence[int], max_bytes: int
+              ) -> list[tuple[bytes, int, str | None]]:
+    """Cut records joined by commas (``sizes``: the byte length of each) into rows of at
+    most ``max_bytes`` (a record larger than that is a row alone): (body, records,
+    sizes) each."""
+    cuts = [0]  # index of the first record of each row
+    used = -1  # no comma before the first record of a row
+    for i, size in enumerate(sizes):
+        if i > cuts[-1] and used + 1 + size > max_bytes:
+            cuts.append(i)
+            used = -1
+        used += 1 + size
+    cuts.append(len(sizes))
+    rows: list[tuple[bytes, int, str | None]] = []
+    start = 0
+    for first, last in itertools.pairwise(cuts):
+        if last <= first:
+            continue
+        end = start + sum(sizes[first:last]) + (last - first - 1)
+        count = last - first
+        rows.append((joined[start:end], count,
+                     None if count == 1 else ",".join(map(str, sizes[first:last]))))
+        start = end + 1
+    return rows
+
+
+def split_records(body: bytes, sizes: str | None, records: int) -> list[bytes] | None:
+    """The records of a row (its body, its sizes column, its records column); None when
+    the sizes do not match the text (a damaged row)."""
+    if records <= 1:
+        return [body]
+    try:
+        lengths = [int(size) for size in (sizes or "").split(",")]
+    except ValueError:
+        return None
+    if (len(lengths) != records or min(lengths) < 0
+            or sum(lengths) + records - 1 != len(body)):
+        return None
+    texts = []
+    pos = 0
+    for length in lengths:
+        if pos and body[pos - 1] != 0x2C:  # the comma between two records
+            return None
+        texts.append(body[pos:pos + length])
+        pos += length + 1
+    return texts
+
+
+def _points_of(text: bytes) -> int:
+    """Data points of one telemetry record (keys of ``values``); -1 when it is not one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return -1
+    values = value.get("values") if isinstance(value, dict) else None
+    return len(values) if isinstance(values, dict) else -1
+
+
+def _text(body: bytes) -> str:
+    return body.decode("utf-8", "replace")

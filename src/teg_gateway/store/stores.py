@@ -23,6 +23,8 @@ from teg_gateway.store.outbox import Outbox
 log = logging.getLogger(__name__)
 
 OUTBOX_FILE = "outbox.db"
+# An outbox row read from a damaged file: (id, kind, body, created_ms, records, sizes).
+SalvagedRow = tuple[int, int, str, int, int, str | None]
 ARCHIVE_FILE = "archive.db"
 
 
@@ -46,7 +48,7 @@ class Stores:
         return self._conn
 
     def open(self, quick_check: bool = True, min_outbox_id: int = 0) -> None:
-        salvaged: list[tuple[int, int, str, int]] = []
+        salvaged: list[SalvagedRow] = []
         if quick_check and self.outbox_path.exists():
             salvaged = self._salvage_if_damaged()
         if not self.archive_path.exists():
@@ -61,6 +63,7 @@ class Stores:
                                       quick_check=quick_check)
         self._note_moved(self.outbox_path, moved)
         try:
+            outbox_mod.add_columns(conn)
             conn.execute("ATTACH DATABASE ? AS archive", (str(self.archive_path),))
             conn.execute("PRAGMA archive.synchronous = FULL")
             self._file_ids = {path: db.file_id(path)
@@ -81,10 +84,12 @@ class Stores:
             # Each record keeps its id: an acknowledgement of a publish made before the
             # damage was found then deletes that record, never another one.
             with transaction(conn):
-                conn.executemany("INSERT OR IGNORE INTO outbox (id, kind, body, created_ms) "
-                                 "VALUES (?, ?, ?, ?)", salvaged)
-                add_counter(conn, "records_salvaged", len(salvaged))
-            self._report(f"salvaged {len(salvaged)} records from the damaged outbox")
+                conn.executemany("INSERT OR IGNORE INTO outbox "
+                                 "(id, kind, body, created_ms, records, sizes) "
+                                 "VALUES (?, ?, ?, ?, ?, ?)", salvaged)
+                add_counter(conn, "records_salvaged", sum(row[4] for row in salvaged))
+            self._report(f"salvaged {sum(row[4] for row in salvaged)} records from the "
+                         "damaged outbox")
 
     def close(self) -> None:
         if self._conn is not None:
@@ -129,7 +134,7 @@ class Stores:
             return 0
         return int(row[0]) if row and isinstance(row[0], int) else 0
 
-    def _salvage_if_damaged(self) -> list[tuple[int, int, str, int]]:
+    def _salvage_if_damaged(self) -> list[SalvagedRow]:
         """Read what can still be read from a damaged outbox before it is moved aside."""
         try:
             return self._salvage()
@@ -138,7 +143,7 @@ class Stores:
                          "kept in the file moved aside")
             return []
 
-    def _salvage(self) -> list[tuple[int, int, str, int]]:
+    def _salvage(self) -> list[SalvagedRow]:
         try:
             conn = db.connect(self.outbox_path)
         except sqlite3.DatabaseError:
@@ -193,21 +198,29 @@ def _continue_ids(conn: sqlite3.Connection, last_id: int) -> None:
 
 
 SALVAGE_CHUNK = 256
-_SALVAGE_SELECT = ("SELECT id, kind, body, created_ms FROM outbox WHERE id >= ? "
+_SALVAGE_SELECT = ("SELECT id, kind, body, created_ms, {columns} FROM outbox WHERE id >= ? "
                    "ORDER BY id LIMIT ?")
 
 
-def _readable_rows(conn: sqlite3.Connection) -> list[tuple[int, int, str, int]]:
+def _readable_rows(conn: sqlite3.Connection) -> list[SalvagedRow]:
     """Every outbox row that can still be read, in id order, skipping damaged pages.
 
     A scan stops at the first damaged page, so the rows after it are found by seeking past
     it: a seek into the damaged id range fails, one beyond it succeeds.
     """
-    rows: list[tuple[int, int, str, int]] = []
+    rows: list[SalvagedRow] = []
+
+    # A file of an earlier release has no records and sizes columns (one record a row).
+    try:
+        have = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+    except sqlite3.DatabaseError:
+        have = set()
+    select = _SALVAGE_SELECT.format(
+        columns="records, sizes" if {"records", "sizes"} <= have else "1, NULL")
 
     def read(start: int, limit: int) -> list[Any] | None:
         try:
-            return conn.execute(_SALVAGE_SELECT, (start, limit)).fetchall()
+            return conn.execute(select, (start, limit)).fetchall()
         except sqlite3.DatabaseError:
             return None
 
@@ -232,14 +245,15 @@ def _readable_rows(conn: sqlite3.Connection) -> list[tuple[int, int, str, int]]:
     return rows
 
 
-def _usable(chunk: list[Any]) -> list[tuple[int, int, str, int]]:
+def _usable(chunk: list[Any]) -> list[SalvagedRow]:
     """The rows of ``chunk`` whose fields have the types of the schema; a damaged row (a
     NULL or a number where text belongs, an unknown kind) is skipped and logged."""
     good = []
-    for row_id, kind, body, created in chunk:
+    for row_id, kind, body, created, records, sizes in chunk:
         if (isinstance(row_id, int) and kind in outbox_mod.TOPICS and isinstance(body, str)
-                and isinstance(created, int)):
-            good.append((row_id, kind, body, created))
+                and isinstance(created, int) and isinstance(records, int) and records >= 1
+                and (sizes is None or isinstance(sizes, str))):
+            good.append((row_id, kind, body, created, records, sizes))
         else:
             log.error("salvage: outbox row %r is damaged (kind %r, body of type %s); skipped",
                       row_id, kind, type(body).__name__)
