@@ -77,8 +77,10 @@ ARCHIVE_ROWS = ("INSERT INTO archive.records (ts, type, body) "
 JOINED_BATCH = ("SELECT CAST(group_concat(body, ',') AS BLOB), "
                 "group_concat(length(CAST(body AS BLOB)), ',') "
                 "FROM (SELECT body FROM temp.intake_batch WHERE reason IS NULL ORDER BY id)")
-# Outbox rows are cut at this size when no payload limit is configured.
-DEFAULT_ROW_BYTES = 49150
+# Outbox rows hold records up to this size: a row then fits in one 4 KiB page of SQLite
+# (no overflow pages), so a page damaged on disk costs only the records on it, and a row
+# fits a publish of ThingsBoard Cloud's 8 KiB whole.
+ROW_BYTES = 4000
 DEAD_ROWS = ("SELECT id AS queue_id, type, message, reason FROM temp.intake_batch "
              "WHERE reason IS NOT NULL ORDER BY id")
 BUSY_TIMEOUT_MS = 5000
@@ -335,7 +337,7 @@ class IntakeCore:
         if not joined:
             return []
         return pack_rows(joined, [int(size) for size in sizes.split(",")],
-                         self.max_record_bytes or DEFAULT_ROW_BYTES)
+                         min(self.max_record_bytes or ROW_BYTES, ROW_BYTES))
 
     def _archive_batch(self, upto: int) -> int:
         """Step 2 for the rows in the batch table; a failure leaves them pending."""

@@ -74,11 +74,11 @@ READ_AHEAD = 4096
 READ_AHEAD_BYTES = 512 * 1024
 
 
-# What is read ahead and handed out: a whole row, or some of the records of a row of
-# several (after a split): (row id, kind, body, data points, first record, records, records
-# in the row). Data points are -1 for a body that is not JSON, and None where not counted
-# (a row of several records).
-Piece = tuple[int, int, bytes, int | None, int, int, int]
+# What is read ahead and handed out: a whole row, or one record of a row of several (after
+# a split): (row id, kind, body, data points, first record, records, records in the row,
+# the row's sizes column). Data points are -1 for a body that is not JSON, and None where
+# not counted (a row of several records).
+Piece = tuple[int, int, bytes, int | None, int, int, int, str | None]
 Row = Piece
 
 
@@ -129,8 +129,6 @@ class Outbox:
         # handed out again; the row goes when all are settled, or is rewritten without
         # them at the next rewind.
         self._done: dict[int, set[int]] = {}
-        # The sizes column of the rows of several records read ahead.
-        self._sizes: dict[int, str | None] = {}
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -196,7 +194,8 @@ class Outbox:
                     break
             piece = ahead[0]
             body = piece[2]
-            if piece[5] > 1 and (max_points is not None or len(body) + 2 > limit):
+            if piece[5] > 1 and piece[3] != -1 and (
+                    max_points is not None or len(body) + 2 > limit):
                 self._split_first(count_points=max_points is not None)
                 continue
             if not pieces:
@@ -223,7 +222,7 @@ class Outbox:
     def _next_other(self) -> Piece | None:
         if not self._others and self._others_maybe:
             rows = self.conn.execute(
-                "SELECT id, kind, CAST(body AS BLOB), 0, 0, 1, 1 FROM outbox "
+                "SELECT id, kind, CAST(body AS BLOB), 0, 0, 1, 1, NULL FROM outbox "
                 "WHERE kind <> 0 AND id > ? ORDER BY id LIMIT 64",
                 (self._others_upto,)).fetchall()
             if rows:
@@ -255,11 +254,10 @@ class Outbox:
                         continue
                     records = row_records if isinstance(row_records, int) else 1
                     records = max(records, 1)
-                    self._ahead.append((row_id, kind, body, row_points, 0, records, records))
-                    if records > 1:
-                        self._sizes[row_id] = sizes
-                        if row_id in self._done:
-                            self._split_last()
+                    self._ahead.append(
+                        (row_id, kind, body, row_points, 0, records, records, sizes))
+                    if records > 1 and row_id in self._done:
+                        self._split_last()
                 want = max(1, min(64, budget // max(1, len(rows[-1][2]))))
         finally:
             cursor.close()
@@ -278,14 +276,14 @@ class Outbox:
     def _records_of(self, piece: Piece, count_points: bool) -> list[Piece]:
         """The records of ``piece`` (of a row of several) not settled yet, one piece each.
         A row whose sizes do not match its text becomes one piece that can never be sent."""
-        row_id, kind, body, _points, first, _count, in_row = piece
-        texts = split_records(body, self._sizes.get(row_id), in_row)
+        row_id, kind, body, _points, first, _count, in_row, sizes = piece
+        texts = split_records(body, sizes, in_row)
         if texts is None:
-            # Marked as not JSON: it goes to the dead letters when its turn comes.
-            return [(row_id, kind, body, -1, 0, 1, in_row)]
+            # Whole, marked as not JSON: it goes to the dead letters when its turn comes.
+            return [(row_id, kind, body, -1, first, in_row, in_row, sizes)]
         done = self._done.get(row_id, ())
         return [(row_id, kind, text, _points_of(text) if count_points else 0, first + i, 1,
-                 in_row)
+                 in_row, sizes)
                 for i, text in enumerate(texts) if first + i not in done]
 
     def _is_unsettled(self, row_id: int) -> bool:
@@ -309,7 +307,6 @@ class Outbox:
         self._rewrite_done()
         self._read_upto = 0
         self._ahead.clear()
-        self._sizes.clear()
         self._others_upto = 0
         self._others.clear()
         self._others_maybe = True
@@ -404,7 +401,6 @@ class Outbox:
         if len(done) < piece[6]:
             return added, False
         del self._done[piece[0]]
-        self._sizes.pop(piece[0], None)
         return added, True
 
     def settle(self) -> int:
