@@ -77,10 +77,11 @@ ARCHIVE_ROWS = ("INSERT INTO archive.records (ts, type, body) "
 JOINED_BATCH = ("SELECT CAST(group_concat(body, ',') AS BLOB), "
                 "group_concat(length(CAST(body AS BLOB)), ',') "
                 "FROM (SELECT body FROM temp.intake_batch WHERE reason IS NULL ORDER BY id)")
-# Outbox rows hold records up to this size: a row then fits in one 4 KiB page of SQLite
-# (no overflow pages), so a page damaged on disk costs only the records on it, and a row
-# fits a publish of ThingsBoard Cloud's 8 KiB whole.
-ROW_BYTES = 4000
+# Outbox rows hold records up to this size (their texts and sizes): a row then fits in one
+# 4 KiB page of SQLite (at most 4,061 bytes with its header, no overflow page), so a page
+# damaged on disk costs only the records on it, and a row fits a publish of ThingsBoard
+# Cloud's 8 KiB whole.
+ROW_BYTES = 3960
 DEAD_ROWS = ("SELECT id AS queue_id, type, message, reason FROM temp.intake_batch "
              "WHERE reason IS NOT NULL ORDER BY id")
 BUSY_TIMEOUT_MS = 5000

@@ -626,16 +626,17 @@ def pack_row(texts: Sequence[bytes]) -> tuple[bytes, int, str | None]:
 
 def pack_rows(joined: bytes, sizes: Sequence[int], max_bytes: int
               ) -> list[tuple[bytes, int, str | None]]:
-    """Cut records joined by commas (``sizes``: the byte length of each) into rows of at
-    most ``max_bytes`` (a record larger than that is a row alone): (body, records,
-    sizes) each."""
+    """Cut records joined by commas (``sizes``: the byte length of each) into rows (body,
+    records, sizes) whose body and sizes together take at most ``max_bytes`` (a record
+    larger than that is a row alone)."""
     cuts = [0]  # index of the first record of each row
-    used = -1  # no comma before the first record of a row
+    used = 0
     for i, size in enumerate(sizes):
-        if i > cuts[-1] and used + 1 + size > max_bytes:
+        cost = size + 2 + len(str(size))  # its text, a comma, its size and a comma
+        if i > cuts[-1] and used + cost > max_bytes:
             cuts.append(i)
-            used = -1
-        used += 1 + size
+            used = 0
+        used += cost
     cuts.append(len(sizes))
     rows: list[tuple[bytes, int, str | None]] = []
     start = 0
