@@ -66,6 +66,11 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 """
 
+# The data points of a row whose sizes do not match its text (it cannot be split).
+DAMAGED_ROW = -2
+DAMAGED_ROW_REASON = ("damaged in the outbox: the sizes of its records do not match its "
+                      "text")
+
 # Columns added since the first release, for outbox files made before them.
 ADDED_COLUMNS = (("records", "INTEGER NOT NULL DEFAULT 1"), ("sizes", "TEXT"))
 
@@ -194,7 +199,7 @@ class Outbox:
                     break
             piece = ahead[0]
             body = piece[2]
-            if piece[5] > 1 and piece[3] != -1 and (
+            if piece[5] > 1 and piece[3] != DAMAGED_ROW and (
                     max_points is not None or len(body) + 2 > limit):
                 self._split_first(count_points=max_points is not None)
                 continue
@@ -279,8 +284,8 @@ class Outbox:
         row_id, kind, body, _points, first, _count, in_row, sizes = piece
         texts = split_records(body, sizes, in_row)
         if texts is None:
-            # Whole, marked as not JSON: it goes to the dead letters when its turn comes.
-            return [(row_id, kind, body, -1, first, in_row, in_row, sizes)]
+            # Whole and marked: it goes to the dead letters when its turn comes.
+            return [(row_id, kind, body, DAMAGED_ROW, first, in_row, in_row, sizes)]
         done = self._done.get(row_id, ())
         return [(row_id, kind, text, _points_of(text) if count_points else 0, first + i, 1,
                  in_row, sizes)
@@ -394,7 +399,12 @@ class Outbox:
     def _settle_records(self, piece: Piece) -> tuple[int, bool]:
         """Remember the records of ``piece`` (some of a row) as settled: (how many were
         not yet, whether the whole row now is)."""
-        done = self._done.setdefault(piece[0], set())
+        done = self._done.get(piece[0])
+        if done is None:
+            if self.conn.execute("SELECT 1 FROM outbox WHERE id = ?",
+                                 (piece[0],)).fetchone() is None:
+                return 0, False  # settled before (a repeated acknowledgement)
+            done = self._done[piece[0]] = set()
         before = len(done)
         done.update(range(piece[4], piece[4] + piece[5]))
         added = len(done) - before
@@ -449,8 +459,7 @@ class Outbox:
                 "WHERE id BETWEEN ? AND ?", (first_id, last_id)).fetchall():
             texts = split_records(body, sizes, records if isinstance(records, int) else 1)
             if texts is None:
-                bad_rows.setdefault("damaged in the outbox: the sizes of its records do not "
-                                    "match its text", []).append(row_id)
+                bad_rows.setdefault(DAMAGED_ROW_REASON, []).append(row_id)
                 continue
             if len(texts) == 1:
                 reason = _damage(kind, body)
@@ -552,6 +561,8 @@ class Outbox:
 def _never_fits(row: Piece, max_bytes: int, max_points: int | None) -> str | None:
     """Why ``row`` can never be sent within these limits (None: it can)."""
     kind, body, points = row[1], row[2], row[3]
+    if points == DAMAGED_ROW:
+        return DAMAGED_ROW_REASON
     size = len(body) + (2 if kind == TELEMETRY else 0)
     if size > max_bytes:
         return (f"message is {len(body)} bytes; a publish may carry at most {max_bytes} "
