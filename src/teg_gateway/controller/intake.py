@@ -308,13 +308,24 @@ class IntakeCore:
         result.taken, result.dead = taken, dead
         previous = self.mark
         created = now_ms()
+        # One record (a controller writing slowly) needs no packing.
+        rows = self._outbox_rows() if taken - dead > 1 else []
         conn.execute("BEGIN")
         try:
-            rows = self._outbox_rows()
-            result.forwarded = sum(row[1] for row in rows)
-            conn.executemany(  # the first statement writes the outbox: only it is locked
-                "INSERT INTO main.outbox (kind, body, created_ms, records, sizes) "
-                f"VALUES ({TELEMETRY}, CAST(? AS TEXT), {created}, ?, ?)", rows)
+            # The first statement writes the outbox: only it is locked.
+            if rows:
+                conn.executemany(
+                    "INSERT INTO main.outbox (kind, body, created_ms, records, sizes) "
+                    "VALUES (?, CAST(? AS TEXT), ?, ?, ?)",
+                    [(TELEMETRY, body, created, count, sizes) for body, count, sizes in rows])
+                result.forwarded = sum(row[1] for row in rows)
+            else:
+                before = conn.total_changes
+                conn.execute(
+                    "INSERT INTO main.outbox (kind, body, created_ms) "
+                    "SELECT ?, body, ? FROM temp.intake_batch WHERE reason IS NULL",
+                    (TELEMETRY, created))
+                result.forwarded = conn.total_changes - before
             if dead:
                 deadletters.add(conn, DEAD_ROWS, cap_bytes=self.config.dead_letter_cap_bytes)
             add_counter(conn, "records_accepted", result.forwarded)
