@@ -4,6 +4,7 @@ the local bus, gateway processes."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from teg_gateway.sandbox.certs import Pki, make_pki
 from teg_gateway.sandbox.controller import QueueWriter
 from teg_gateway.sandbox.process import GatewayProcess
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
+from teg_gateway.store.outbox import TELEMETRY, stored_records
 from teg_gateway.store.stores import Stores
 
 needs_mosquitto = pytest.mark.skipif(
@@ -174,3 +176,14 @@ def report(capsys: pytest.CaptureFixture[str]) -> Callable[[str], None]:
             print(f"\n    {text}", end="")
 
     return emit
+
+
+def outbox_seqs(conn: sqlite3.Connection) -> list[int]:
+    """The ``seq`` of every telemetry record in the outbox that has one, in order (rows
+    may hold several records)."""
+    seqs = []
+    for text in stored_records(conn, TELEMETRY):
+        values = json.loads(text).get("values", {})
+        if "seq" in values:
+            seqs.append(values["seq"])
+    return seqs

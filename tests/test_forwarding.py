@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from conftest import GatewayFactory, needs_mosquitto
+from conftest import outbox_seqs as stored_seqs
 from teg_gateway.sandbox.controller import QueueWriter, make_records
 from teg_gateway.sandbox.process import GatewayProcess
 from teg_gateway.sandbox.thingsboard import FakeThingsBoard
-from teg_gateway.store.outbox import TELEMETRY, stored_records
 
 pytestmark = needs_mosquitto
 
@@ -117,18 +117,12 @@ def query(db: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 
 def outbox_seqs(data_dir: Path) -> list[int]:
-    """The ``seq`` of every telemetry record in the outbox, in id order."""
-    seqs = []
+    """The ``seq`` of every telemetry record in the gateway's outbox, in order."""
     conn = sqlite3.connect(data_dir / "outbox.db")
     try:
-        bodies = stored_records(conn, TELEMETRY)
+        return stored_seqs(conn)
     finally:
         conn.close()
-    for body in bodies:
-        values = json.loads(body).get("values", {})
-        if "seq" in values:
-            seqs.append(values["seq"])
-    return seqs
 
 
 def health_records(thingsboard: FakeThingsBoard) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import outbox_seqs
 from teg_gateway import BUILD_DATE
 from teg_gateway.controller.intake import IntakeConfig, IntakeCore, IntakeResult
 from teg_gateway.sandbox.controller import QueueWriter, make_records
@@ -46,10 +47,6 @@ def run_all(core: IntakeCore) -> list[IntakeResult]:
     while (result := core.step()).taken:
         results.append(result)
     return results
-
-
-def outbox_seqs(stores: Stores) -> list[int]:
-    return [json.loads(text)["values"]["seq"] for text in stored_records(stores.conn)]
 
 
 def archive_seqs(stores: Stores) -> list[int]:
@@ -79,7 +76,7 @@ def test_a_crash_after_the_outbox_step_is_resumed_without_duplicates(
     first = make_core(stores, writer, batch_size=100)
     first.step()
     first.close()  # "killed" after step 1 of one batch
-    assert outbox_seqs(stores) == list(range(100))
+    assert outbox_seqs(stores.conn) == list(range(100))
     assert len(queue_ids(writer)) == 300
     stores.conn.execute("DROP TRIGGER archive.refuse")
 
@@ -87,7 +84,7 @@ def test_a_crash_after_the_outbox_step_is_resumed_without_duplicates(
     run_all(second)
     second.step()
 
-    assert outbox_seqs(stores) == list(range(300))
+    assert outbox_seqs(stores.conn) == list(range(300))
     assert archive_seqs(stores) == list(range(300))
     assert queue_ids(writer) == []
 
@@ -110,7 +107,7 @@ def test_a_crash_before_the_queue_delete_takes_nothing_twice(
     again = make_core(stores, writer)
     assert again.step().taken == 0
     assert queue_ids(writer) == []
-    assert outbox_seqs(stores) == list(range(50))
+    assert outbox_seqs(stores.conn) == list(range(50))
     assert archive_seqs(stores) == list(range(50))
 
 
@@ -129,7 +126,7 @@ def test_a_replaced_queue_file_is_taken_from_its_first_row(
         fresh.write(make_records(5, start_seq=20))  # ids 1..5 again, below the old mark
         core = make_core(stores, writer)
         run_all(core)
-        assert outbox_seqs(stores) == list(range(25))
+        assert outbox_seqs(stores.conn) == list(range(25))
     finally:
         fresh.close()
 
@@ -275,7 +272,7 @@ def test_dead_letters_have_their_own_cap_outside_the_quota(stores: Stores,
         run_all(core)
         core.close()
         assert stores.outbox.enforce_quota(1024 * 1024) == 0, "dead letters are not quota"
-    assert outbox_seqs(stores) == list(range(1000))
+    assert outbox_seqs(stores.conn) == list(range(1000))
     assert dead_letter_bytes(stores.conn) <= 1024 * 1024
     assert stores.outbox.counter("dead_letters") == 40
     removed = stores.outbox.counter("dead_letters_removed")
@@ -391,7 +388,7 @@ def test_salvage_skips_rows_it_cannot_read_and_starts(tmp_path: Path) -> None:
     stores = Stores(directory, MAX_PAYLOAD)
     stores.open()
     try:
-        assert outbox_seqs(stores) == [0, 1, 3, 4, 6, 7, 8, 9]
+        assert outbox_seqs(stores.conn) == [0, 1, 3, 4, 6, 7, 8, 9]
         assert any("salvaged 8 records" in p for p in stores.take_problems())
     finally:
         stores.close()
@@ -411,4 +408,4 @@ def test_the_intake_connection_keeps_a_small_page_cache(stores: Stores,
         assert sum(r.taken for r in run_all(core)) == 3000
     finally:
         core.close()
-    assert outbox_seqs(stores) == list(range(3000))
+    assert outbox_seqs(stores.conn) == list(range(3000))

@@ -8,13 +8,13 @@ test's waits, so a record taken at all was taken on the change).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from conftest import outbox_seqs
 from teg_gateway.controller import intake, watch
 from teg_gateway.controller.intake import IntakeConfig, IntakePump, IntakeResult
 from teg_gateway.sandbox.controller import QueueWriter, make_records
@@ -42,11 +42,6 @@ def make_pump(stores: Stores, writer: QueueWriter, taken: list[IntakeResult]) ->
                           MAX_PAYLOAD)
     return IntakePump(config, 0.02, on_batch=taken.append, on_stores=lambda _p: None,
                       hold=lambda: False)
-
-
-def outbox_seqs(stores: Stores) -> list[int]:
-    return [json.loads(b)["values"]["seq"] for (b,) in stores.conn.execute(
-        "SELECT body FROM outbox ORDER BY id")]
 
 
 def test_an_idle_intake_makes_almost_no_rounds(stores: Stores, writer: QueueWriter) -> None:
@@ -98,7 +93,7 @@ def test_a_committed_record_is_taken_on_the_change_not_on_a_timer(
     # A round on the change, a few second looks and the intake's own queue delete: a
     # handful per record, not a poll's worth.
     assert used <= 5 * (2 + len(intake.RECHECK_S)) + 10, (used, woken)
-    assert outbox_seqs(stores) == [0, 1, 2, 3, 4]
+    assert outbox_seqs(stores.conn) == [0, 1, 2, 3, 4]
 
 
 def test_without_inotify_the_intake_polls_at_its_interval(
@@ -121,7 +116,7 @@ def test_without_inotify_the_intake_polls_at_its_interval(
             await pump.stop()
 
     asyncio.run(scenario())
-    assert outbox_seqs(stores) == [0, 1, 2]
+    assert outbox_seqs(stores.conn) == [0, 1, 2]
 
 
 def test_a_wakeup_reports_only_writes_to_the_watched_names(tmp_path: Path) -> None:
@@ -180,4 +175,4 @@ def test_a_backlog_holds_the_intake_and_its_release_resumes_it(
             await pump.stop()
 
     asyncio.run(scenario())
-    assert outbox_seqs(stores) == list(range(10_000))
+    assert outbox_seqs(stores.conn) == list(range(10_000))

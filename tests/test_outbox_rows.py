@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from conftest import outbox_seqs
 from teg_gateway.controller.intake import ROW_BYTES, IntakeConfig, IntakeCore
 from teg_gateway.sandbox.controller import QueueWriter, make_records
 from teg_gateway.store.outbox import (
@@ -22,7 +23,6 @@ from teg_gateway.store.outbox import (
     Outbox,
     pack_rows,
     split_records,
-    stored_records,
 )
 from teg_gateway.store.stores import Stores
 
@@ -44,10 +44,6 @@ def take_all(stores: Stores, writer: QueueWriter, records: list[tuple[str, str]]
 
 def seqs_of(batch: Batch) -> list[int]:
     return [record["values"]["seq"] for record in json.loads(batch.payload)]
-
-
-def outbox_seqs(stores: Stores) -> list[int]:
-    return [json.loads(text)["values"]["seq"] for text in stored_records(stores.conn)]
 
 
 def drain(outbox: Outbox, **limits: Any) -> list[Batch]:
@@ -103,7 +99,7 @@ def test_intake_packs_a_batch_into_rows_within_one_page(stores: Stores,
         for i in range(3000)]
     take_all(stores, writer, records)
 
-    assert outbox_seqs(stores) == list(range(3000))
+    assert outbox_seqs(stores.conn) == list(range(3000))
     assert stores.outbox.depth() == 3000
     assert stores.outbox.counter("records_accepted") == 3000
     shapes = row_shapes(stores)
@@ -162,7 +158,7 @@ def test_the_records_of_a_split_row_acknowledged_before_a_disconnect_are_not_sen
     outbox.rewind()  # rewrites the rows without what was acknowledged
 
     done = {s for batch in acked for s in seqs_of(batch)}
-    assert outbox_seqs(stores) == [s for s in range(300) if s not in done]
+    assert outbox_seqs(stores.conn) == [s for s in range(300) if s not in done]
     again = drain(outbox)
     assert [s for batch in again for s in seqs_of(batch)] == [
         s for s in range(300) if s not in done]
@@ -231,7 +227,7 @@ def test_checking_rows_sets_aside_only_the_damaged_record(stores: Stores,
 
     assert stores.outbox.check_rows(1, 10**9) == 1
 
-    assert outbox_seqs(stores) == [s for s in range(100) if s != 42]
+    assert outbox_seqs(stores.conn) == [s for s in range(100) if s != 42]
     [(message, reason)] = stores.conn.execute(
         "SELECT message, reason FROM dead_letter").fetchall()
     assert '"seq":42:' in message
@@ -247,7 +243,7 @@ def test_the_quota_counts_records_not_rows(stores: Stores, writer: QueueWriter) 
 
     assert dropped > 0
     assert outbox.counter("records_dropped") == dropped
-    assert outbox_seqs(stores) == list(range(dropped, 20_000))
+    assert outbox_seqs(stores.conn) == list(range(dropped, 20_000))
 
 
 # -- files of an earlier release ----------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from conftest import outbox_seqs
 from teg_gateway.controller.intake import IntakeConfig, IntakeCore, IntakeResult
 from teg_gateway.sandbox.controller import QueueWriter, make_records
 from teg_gateway.store.archive import BUILD_MS, DAY_MS
@@ -37,11 +38,6 @@ MAX_PAYLOAD = 49152
 def outbox_bodies(stores: Stores, kind: int | None = TELEMETRY) -> list[Any]:
     """Decoded bodies of the outbox rows (of ``kind``; all kinds with None), in id order."""
     return [json.loads(text) for text in stored_records(stores.conn, kind)]
-
-
-def outbox_seqs(stores: Stores) -> list[int]:
-    return [body["values"]["seq"] for body in outbox_bodies(stores)
-            if "seq" in body.get("values", {})]
 
 
 def archive_rows(stores: Stores) -> list[tuple[int, str | None, Any]]:
@@ -146,7 +142,7 @@ def test_intake_moves_in_batches_in_order(stores: Stores, writer: QueueWriter,
     taken = [intake.move_batch(stores.conn).taken for _ in range(4)]
 
     assert taken == [100, 100, 50, 0]
-    assert outbox_seqs(stores) == list(range(250))
+    assert outbox_seqs(stores.conn) == list(range(250))
     assert queue_count(controller_dir) == 0
 
 
@@ -166,14 +162,14 @@ def test_an_archive_failure_holds_up_neither_the_outbox_nor_a_row_twice(
     assert (result.taken, result.forwarded, result.dead, result.archived) == (51, 50, 1, 0)
     assert queue_count(controller_dir) == 51, "kept until archived"
     assert intake.move_batch(stores.conn).taken == 0, "never taken twice"
-    assert outbox_seqs(stores) == list(range(50))
+    assert outbox_seqs(stores.conn) == list(range(50))
     assert len(dead_letters(stores)) == 1
     assert archive_rows(stores) == []
 
     stores.conn.execute("DROP TRIGGER archive.refuse")
     assert intake.move_batch(stores.conn).taken == 0
     assert [body["values"]["seq"] for _ts, _t, body in archive_rows(stores)] == list(range(50))
-    assert outbox_seqs(stores) == list(range(50))
+    assert outbox_seqs(stores.conn) == list(range(50))
     assert queue_count(controller_dir) == 0
     assert stores.outbox.counter("records_accepted") == 50
 
@@ -240,7 +236,7 @@ def test_every_malformed_kind_goes_to_dead_letter_without_blocking(
     intake.move_batch(stores.conn)  # the idle round deletes what was moved from the queue
 
     assert moved == len(rows)
-    assert outbox_seqs(stores) == list(range(seq))
+    assert outbox_seqs(stores.conn) == list(range(seq))
     assert [r[0] for r in archive_rows(stores)] == [1_700_000_000_000 + i for i in range(seq)]
     dead = dead_letters(stores)
     assert [(q, t, r) for q, t, _m, r in dead] == [(q, t, r) for q, t, _m, r in expected_dead]
@@ -270,7 +266,7 @@ def test_record_too_large_for_one_publish_goes_to_dead_letter(
     result = intake.move_batch(stores.conn)
 
     assert (result.taken, result.forwarded, result.archived, result.dead) == (5, 4, 4, 1)
-    assert outbox_seqs(stores) == [0, 1, 2, 4]
+    assert outbox_seqs(stores.conn) == [0, 1, 2, 4]
     [(queue_id, _type, message, reason)] = dead_letters(stores)
     assert (queue_id, message) == (4, too_big)
     assert reason.startswith("record is ") and "1024 bytes" in reason
@@ -459,7 +455,7 @@ def test_ack_deletes_exactly_the_batch(stores: Stores) -> None:
     removed = stores.outbox.ack([second])
 
     assert removed == second.count
-    remaining = outbox_seqs(stores)
+    remaining = outbox_seqs(stores.conn)
     acked = {r["values"]["seq"] for r in batch_records(second)}
     assert remaining == [s for s in range(200) if s not in acked]
     assert stores.outbox.counter("records_sent") == second.count
@@ -510,7 +506,7 @@ def test_outbox_survives_reopening(gateway_dir: Path) -> None:
     stores.close()
     stores.open()
     try:
-        assert outbox_seqs(stores) == list(range(10))
+        assert outbox_seqs(stores.conn) == list(range(10))
         assert stores.problems == []
     finally:
         stores.close()
@@ -532,7 +528,7 @@ def test_quota_drops_the_oldest_telemetry_only(stores: Stores, writer: QueueWrit
 
     assert dropped > 0
     assert stores.outbox.counter("records_dropped") == dropped
-    seqs = outbox_seqs(stores)
+    seqs = outbox_seqs(stores.conn)
     assert seqs == list(range(dropped, 5000)), "the oldest telemetry goes first"
     assert outbox_bodies(stores, ATTRIBUTES) == [
         {"oldest": "attribute"}, {"newest": "attribute"}]
@@ -552,7 +548,7 @@ def test_quota_never_drops_attributes(stores: Stores) -> None:
     stores.outbox.enforce_quota(1)
 
     assert stores.outbox.counter("records_dropped") == 100
-    assert outbox_seqs(stores) == []
+    assert outbox_seqs(stores.conn) == []
     assert len(outbox_bodies(stores, ATTRIBUTES)) == 100
 
 
@@ -704,7 +700,7 @@ def test_damaged_outbox_has_its_readable_rows_salvaged(gateway_dir: Path) -> Non
     stores.open()
     try:
         assert len(corrupt_files(gateway_dir, "outbox.db")) >= 1
-        salvaged = outbox_seqs(stores)
+        salvaged = outbox_seqs(stores.conn)
         print(f"salvage: {len(salvaged)} of {count} telemetry rows recovered; "
               f"{count - len(salvaged)} were on the damaged page")
         assert salvaged == sorted(salvaged), "salvaged rows keep their order"
@@ -755,11 +751,11 @@ def test_recovery_keeps_record_ids_for_late_acknowledgements(gateway_dir: Path) 
     try:
         assert len(corrupt_files(gateway_dir, "outbox.db")) >= 1
         assert stores.outbox.ack([in_flight]) == len(in_flight_seqs)
-        remaining = set(outbox_seqs(stores))
+        remaining = set(outbox_seqs(stores.conn))
         expected = set(range(count)) - acked - in_flight_seqs - lost
         assert remaining == expected
         # New records come after the salvaged ones.
         stores.outbox.put_telemetry({"seq": count}, 1)
-        assert outbox_seqs(stores)[-1] == count
+        assert outbox_seqs(stores.conn)[-1] == count
     finally:
         stores.close()
