@@ -348,8 +348,7 @@ class IntakeCore:
         joined, sizes = self._conn().execute(JOINED_BATCH).fetchone()
         if not joined:
             return []
-        return pack_rows(joined, [int(size) for size in sizes.split(",")],
-                         min(self.max_record_bytes or ROW_BYTES, ROW_BYTES))
+        return pack_rows(joined, sizes, min(self.max_record_bytes or ROW_BYTES, ROW_BYTES))
 
     def _archive_batch(self, upto: int) -> int:
         """Step 2 for the rows in the batch table; a failure leaves them pending."""

@@ -16,8 +16,10 @@ them are, or rewritten without them when the connection ends.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
+import operator
 import sqlite3
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -635,30 +637,31 @@ def pack_row(texts: Sequence[bytes]) -> tuple[bytes, int, str | None]:
     return b",".join(texts), len(texts), ",".join(str(len(text)) for text in texts)
 
 
-def pack_rows(joined: bytes, sizes: Sequence[int], max_bytes: int
+def pack_rows(joined: bytes, sizes: str, max_bytes: int
               ) -> list[tuple[bytes, int, str | None]]:
-    """Cut records joined by commas (``sizes``: the byte length of each) into rows (body,
-    records, sizes) whose body and sizes together take at most ``max_bytes`` (a record
-    larger than that is a row alone)."""
-    cuts = [0]  # index of the first record of each row
-    used = 0
-    for i, size in enumerate(sizes):
-        cost = size + 2 + len(str(size))  # its text, a comma, its size and a comma
-        if i > cuts[-1] and used + cost > max_bytes:
-            cuts.append(i)
-            used = 0
-        used += cost
-    cuts.append(len(sizes))
+    """Cut records joined by commas (``sizes``: the byte length of each, comma-separated)
+    into rows (body, records, sizes) whose body and sizes together take at most
+    ``max_bytes`` (a record larger than that is a row alone).
+
+    The work per record is done by C loops (``map``, ``accumulate``); Python runs once a
+    row."""
+    texts = sizes.split(",")
+    lengths = list(map(int, texts))
+    # What a record takes in a row: its text and a comma, its size and a comma.
+    costs = map(operator.add, map(operator.add, lengths, map(len, texts)), itertools.repeat(2))
+    taken = list(itertools.accumulate(costs, initial=0))
+    # Where each record's text ends in ``joined`` (a comma follows all but the last).
+    ends = list(itertools.accumulate(map(operator.add, lengths, itertools.repeat(1)),
+                                     initial=0))
     rows: list[tuple[bytes, int, str | None]] = []
-    start = 0
-    for first, last in itertools.pairwise(cuts):
-        if last <= first:
-            continue
-        end = start + sum(sizes[first:last]) + (last - first - 1)
-        count = last - first
-        rows.append((joined[start:end], count,
-                     None if count == 1 else ",".join(map(str, sizes[first:last]))))
-        start = end + 1
+    first, count = 0, len(lengths)
+    while first < count:
+        last = bisect.bisect_right(taken, taken[first] + max_bytes, first + 2) - 1
+        last = max(last, first + 1)
+        body = joined[ends[first]:ends[last] - 1]
+        rows.append((body, 1, None) if last - first == 1
+                    else (body, last - first, ",".join(texts[first:last])))
+        first = last
     return rows
 
 
