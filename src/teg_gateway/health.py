@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from teg_gateway.config import HealthSettings
     from teg_gateway.controller.supervisor import Supervisor
 
-LAG_PERIOD_S = 0.25
+LAG_PERIOD_S = 0.5
 
 
 class LagMonitor:

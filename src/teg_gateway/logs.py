@@ -7,6 +7,7 @@ import logging.handlers
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from teg_gateway.clock import ms
@@ -61,7 +62,9 @@ class CloudLogHandler(logging.Handler):
 
     A token bucket (``per_minute`` with bursts of ``burst``) limits what goes out; what is
     held back is counted and reported in one summary record, so a log storm costs a few
-    rows, not millions. Safe to call from any thread.
+    rows, not millions. Safe to call from any thread. ``notify`` (when set) is called,
+    from the logging thread, when a record starts waiting: the loop then flushes, and
+    sleeps otherwise.
     """
 
     def __init__(self, level: int, per_minute: int, burst: int) -> None:
@@ -73,6 +76,7 @@ class CloudLogHandler(logging.Handler):
         self._pending: deque[str] = deque(maxlen=max(burst, 100))
         self.suppressed = 0
         self._suppressed_unreported = 0
+        self.notify: Callable[[], None] | None = None
         self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
 
     def _refill(self) -> None:
@@ -86,6 +90,8 @@ class CloudLogHandler(logging.Handler):
             if self._tokens < 1.0:
                 self.suppressed += 1
                 self._suppressed_unreported += 1
+                if self._suppressed_unreported == 1 and self.notify is not None:
+                    self.notify()  # a summary is owed from now on
                 return
             self._tokens -= 1.0
             text = self.format(record)
@@ -94,8 +100,14 @@ class CloudLogHandler(logging.Handler):
             self._pending.append(telemetry_body(
                 {"severity": record.levelname, "message": PREFIX + text},
                 ms(record.created)))
+            if self.notify is not None:
+                self.notify()
         except Exception:
             self.handleError(record)
+
+    def owed(self) -> bool:
+        """Records wait, or a summary of suppressed ones is owed."""
+        return bool(self._pending) or self._suppressed_unreported > 0
 
     def take(self) -> list[str]:
         """Telemetry bodies waiting for the outbox (and a summary of suppressed records)."""

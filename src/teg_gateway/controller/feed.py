@@ -12,6 +12,8 @@ the archive's retention.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -104,12 +106,29 @@ class Feed:
             self.recovery.poke()
 
     async def log_flush_loop(self) -> None:
-        while True:
-            await self.clock.sleep(LOG_FLUSH_PERIOD_S)
-            try:
-                self.flush_cloud_logs()
-            except sqlite3.Error as exc:
-                self.recovery.on_db_error(exc, "gateway log")
+        """Move log records into the outbox a moment after they come (records of that
+        moment go in one transaction); while none waits, sleep until one does."""
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.Event()
+
+        def notify() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed at exit
+                loop.call_soon_threadsafe(waiting.set)
+
+        self.cloud_logs.notify = notify
+        try:
+            while True:
+                if not self.cloud_logs.owed():
+                    waiting.clear()
+                    if not self.cloud_logs.owed():  # one may have come meanwhile
+                        await waiting.wait()
+                await self.clock.sleep(LOG_FLUSH_PERIOD_S)
+                try:
+                    self.flush_cloud_logs()
+                except sqlite3.Error as exc:
+                    self.recovery.on_db_error(exc, "gateway log")
+        finally:
+            self.cloud_logs.notify = None
 
     # -- the archive ------------------------------------------------------------------------
 
