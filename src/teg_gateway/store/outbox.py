@@ -193,7 +193,7 @@ class Outbox:
         bodies: list[bytes] = []
         size = 1
         count = total = 0
-        # The loop of a drain runs once per row, and a row is most often a whole publish.
+        # The loop of a drain runs once per row (about fifty records), not per record.
         while True:
             if not ahead:
                 self._read_ahead()
