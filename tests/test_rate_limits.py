@@ -229,3 +229,38 @@ def test_client_side_rpc_is_not_taken_for_a_command(
     # Its answer to itself would share the id of the server's request: only the log can
     # tell that no "unknown method" error was made of it.
     assert "unknown method" not in gateway.log_text()
+
+
+def test_a_gateway_killed_while_it_sends_rows_record_by_record_loses_nothing(
+        make_gateway: GatewayFactory, pki: Pki, data_dir: Path, report: Report) -> None:
+    """A server whose payloads are smaller than an outbox row and which limits data points:
+    every row goes out record by record, in several publishes. The gateway is killed
+    (SIGKILL) in the middle, with rows partly acknowledged; after its restart every record
+    arrives (those acknowledged before the kill may arrive twice, none is lost)."""
+    count = 3000
+    limits = Limits(telemetry_data_points="1500:1", max_payload_size=1024)
+    with FakeThingsBoard(pki, limits=limits) as tb:
+        with QueueWriter(data_dir) as writer:
+            writer.write(records(count))
+        gateway = gateway_for(make_gateway, tb)
+        gateway.start()
+        wait_connected(tb, gateway)
+        wait_until(lambda: tb.record_count > 700, "the drain is under way", gateway)
+        gateway.kill()
+        before_kill = tb.record_count
+
+        gateway.start()
+        result = wait_delivered(tb, range(count), gateway, timeout=120.0)
+        assert result.unexpected == []
+        assert tb.rate_limit_closes == 0, tb.closes
+        assert tb.oversize_closes == 0, tb.closes
+        payloads = tb.publish_count
+        assert gateway.stop() == 0
+    conn = sqlite3.connect(data_dir / "outbox.db")
+    try:
+        left = conn.execute("SELECT count(*) FROM outbox WHERE kind = 0").fetchone()[0]
+    finally:
+        conn.close()
+    assert left == 0
+    report(f"killed after {before_kill} of {count} records arrived, rows split into "
+           f"publishes of at most 1,024 bytes: {result.describe()}; {payloads} publishes")
