@@ -76,16 +76,24 @@ def gateway_for(make_gateway: GatewayFactory, tb: FakeThingsBoard,
     return make_gateway({**CONFIG, **(config or {})}, env=env)
 
 
+def start_draining(make_gateway: GatewayFactory, tb: FakeThingsBoard, data_dir: Path,
+                   count: int, under_way: int) -> GatewayProcess:
+    """A backlog of ``count`` records in the queue, a gateway started on it; returns once
+    ``under_way`` records arrived."""
+    with QueueWriter(data_dir) as writer:
+        writer.write(records(count))
+    gateway = gateway_for(make_gateway, tb)
+    gateway.start()
+    wait_connected(tb, gateway)
+    wait_until(lambda: tb.record_count > under_way, "the drain is under way", gateway)
+    return gateway
+
+
 def test_a_backlog_drains_within_the_limits_without_a_cut(
         make_gateway: GatewayFactory, limited: FakeThingsBoard, data_dir: Path,
         report: Report) -> None:
     count = 5000
-    with QueueWriter(data_dir) as writer:
-        writer.write(records(count))
-    gateway = gateway_for(make_gateway, limited)
-    gateway.start()
-    wait_connected(limited, gateway)
-    wait_until(lambda: limited.record_count > 500, "the drain is under way", gateway)
+    gateway = start_draining(make_gateway, limited, data_dir, count, under_way=500)
 
     # An RPC in the middle of the drain goes ahead of the telemetry backlog.
     round_trips = [rpc_round_trip(limited) for _ in range(3)]
@@ -240,12 +248,7 @@ def test_a_gateway_killed_while_it_sends_rows_record_by_record_loses_nothing(
     count = 3000
     limits = Limits(telemetry_data_points="1500:1", max_payload_size=1024)
     with FakeThingsBoard(pki, limits=limits) as tb:
-        with QueueWriter(data_dir) as writer:
-            writer.write(records(count))
-        gateway = gateway_for(make_gateway, tb)
-        gateway.start()
-        wait_connected(tb, gateway)
-        wait_until(lambda: tb.record_count > 700, "the drain is under way", gateway)
+        gateway = start_draining(make_gateway, tb, data_dir, count, under_way=700)
         gateway.kill()
         before_kill = tb.record_count
 
