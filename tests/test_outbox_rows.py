@@ -23,6 +23,7 @@ from teg_gateway.store.outbox import (
     Outbox,
     pack_rows,
     split_records,
+    stored_records,
 )
 from teg_gateway.store.stores import Stores
 
@@ -275,3 +276,22 @@ def test_an_outbox_of_an_earlier_release_is_read_and_upgraded(gateway_dir: Path)
         assert stores.outbox.depth() == 0
     finally:
         stores.close()
+
+
+def test_waiting_records_are_counted_without_reading_the_rows(
+        stores: Stores, writer: QueueWriter) -> None:
+    take_all(stores, writer, make_records(1000))
+    stores.outbox.put_telemetry({"seq": 1000}, 1)  # a row of one record
+    take_all(stores, writer, make_records(1, start_seq=1001))
+    total = len(stored_records(stores.conn))
+
+    assert stores.outbox.depth() == total == 1002
+    assert stores.outbox.unsent() == total
+    batch = stores.outbox.next_batch()
+    assert batch is not None
+    assert stores.outbox.unsent() == total - batch.count
+    # The records beyond one a row come from an index that holds them: no row is read.
+    plan = " ".join(row[-1] for row in stores.conn.execute(
+        "EXPLAIN QUERY PLAN SELECT coalesce(sum(records - 1), 0) FROM outbox "
+        "INDEXED BY outbox_packed WHERE records > 1 AND id > 5"))
+    assert "COVERING INDEX outbox_packed" in plan

@@ -79,8 +79,7 @@ class Feed:
         session = self._session()
         if session is None or not session.connected.is_set():
             return False
-        limit = BACKLOG_BATCHES * self.intake.batch_size
-        return self.stores.outbox.unsent(cap_rows=limit + 1) > limit
+        return self.stores.outbox.unsent() > BACKLOG_BATCHES * self.intake.batch_size
 
     # -- the local bus ----------------------------------------------------------------------
 

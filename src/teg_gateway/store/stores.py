@@ -63,7 +63,7 @@ class Stores:
                                       quick_check=quick_check)
         self._note_moved(self.outbox_path, moved)
         try:
-            outbox_mod.add_columns(conn)
+            outbox_mod.upgrade(conn)
             conn.execute("ATTACH DATABASE ? AS archive", (str(self.archive_path),))
             conn.execute("PRAGMA archive.synchronous = FULL")
             self._file_ids = {path: db.file_id(path)
