@@ -24,6 +24,7 @@ import sqlite3
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from teg_gateway.clock import now_ms
 from teg_gateway.cloud import topics
@@ -92,7 +93,17 @@ READ_AHEAD_BYTES = 512 * 1024
 # the row's sizes column). Data points are -1 for a body that is not JSON, and None where
 # not counted (a row of several records).
 Piece = tuple[int, int, bytes, int | None, int, int, int, str | None]
-Row = Piece
+
+
+class Span(NamedTuple):
+    """Rows ``first..last`` of ``kind`` to delete once acknowledged. ``counted``: their
+    records count as removed (False for a split row, whose records were counted as they
+    were acknowledged)."""
+
+    first: int
+    last: int
+    kind: int
+    counted: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,8 +146,8 @@ class Outbox:
         self._others: deque[Piece] = deque()
         self._others_maybe = True
         # Ranges ThingsBoard acknowledged whose delete failed (a full disk, say): never
-        # sent again, deleted again later. (first id, last id, kind)
-        self._unsettled: list[tuple[int, int, int]] = []
+        # sent again, deleted again later.
+        self._unsettled: list[Span] = []
         # Rows of several records of which some, not all, are settled (acknowledged or
         # moved to the dead letters): row id -> indices of those records. They are not
         # handed out again; the row goes when all are settled, or is rewritten without
@@ -300,7 +311,7 @@ class Outbox:
                 for i, text in enumerate(texts) if first + i not in done]
 
     def _is_unsettled(self, row_id: int) -> bool:
-        return any(first <= row_id <= last for first, last, _ in self._unsettled)
+        return any(span.first <= row_id <= span.last for span in self._unsettled)
 
     def unsent(self) -> int:
         """Records not yet handed to the forwarder (an estimate from ids and the index of
@@ -362,7 +373,7 @@ class Outbox:
         handed out again, and their delete is tried again with the next acknowledgement
         (or ``settle``). The error is raised after that bookkeeping.
         """
-        ranges: list[tuple[int, int, int]] = []
+        ranges: list[Span] = []
         settled = 0
         for batch in batches:
             settled += self._settle_pieces(batch.rows, batch.kind, ranges)
@@ -378,11 +389,9 @@ class Outbox:
             self._unsettled = ranges
             raise
 
-    def _settle_pieces(self, pieces: Iterable[Piece], kind: int,
-                       ranges: list[tuple[int, int, int]]) -> int:
-        """Add to ``ranges`` the (first id, last id, kind) ranges of whole rows settled by
-        ``pieces``; the records of split rows are remembered. Returns how many of those
-        were new (a split row settled in full is added as a range of records 0).
+    def _settle_pieces(self, pieces: Iterable[Piece], kind: int, ranges: list[Span]) -> int:
+        """Add to ``ranges`` the rows settled in full by ``pieces``; the records of split
+        rows are remembered. Returns how many of those were new.
 
         Consecutive whole rows of one batch leave no row of their kind between them
         unsent, so one range covers them; a split row ends a range."""
@@ -393,16 +402,16 @@ class Outbox:
                 added, complete = self._settle_records(piece)
                 new += added
                 if start >= 0:
-                    ranges.append((start, last, kind))
+                    ranges.append(Span(start, last, kind))
                     start = -1
                 if complete:
-                    ranges.append((piece[0], piece[0], -1 - kind))
+                    ranges.append(Span(piece[0], piece[0], kind, counted=False))
                 continue
             if start < 0:
                 start = piece[0]
             last = piece[0]
         if start >= 0:
-            ranges.append((start, last, kind))
+            ranges.append(Span(start, last, kind))
         return new
 
     def _settle_records(self, piece: Piece) -> tuple[int, bool]:
@@ -431,22 +440,20 @@ class Outbox:
         """Acknowledged ranges still waiting for their delete."""
         return len(self._unsettled)
 
-    def _delete(self, ranges: list[tuple[int, int, int]], settled: int) -> int:
-        """Delete the rows of ``ranges`` (a negative kind: a split row whose records were
-        counted when settled); returns the records removed, ``settled`` records of split
-        rows added to the ``records_sent`` counter with them."""
+    def _delete(self, ranges: list[Span], settled: int) -> int:
+        """Delete the rows of ``ranges``; returns the records removed, ``settled`` records
+        of split rows added to the ``records_sent`` counter with them."""
         removed = 0
         # Losing an acknowledgement in a power cut only means a duplicate later, so this
         # commit need not wait for the disk.
         self.conn.execute("PRAGMA main.synchronous = NORMAL")
         try:
             with transaction(self.conn):
-                for first, last, kind in ranges:
+                for span in ranges:
                     rows = self.conn.execute(
                         "DELETE FROM outbox WHERE id BETWEEN ? AND ? AND kind = ? "
-                        "RETURNING records", (first, last, kind if kind >= 0 else -1 - kind)
-                    ).fetchall()
-                    if kind >= 0:
+                        "RETURNING records", (span.first, span.last, span.kind)).fetchall()
+                    if span.counted:
                         removed += sum(row[0] for row in rows)
                 add_counter(self.conn, "records_sent", removed + settled)
         finally:
@@ -513,7 +520,7 @@ class Outbox:
             deadletters.add_rows(self.conn, [(KIND_NAMES[TELEMETRY], _text(piece[2]), reason)],
                                  cap_bytes=self.dead_letter_cap_bytes)
         if self._settle_records(piece)[1]:
-            self._unsettled.append((piece[0], piece[0], -1 - TELEMETRY))
+            self._unsettled.append(Span(piece[0], piece[0], TELEMETRY, counted=False))
             self.settle()
 
     # -- figures --------------------------------------------------------------------------
