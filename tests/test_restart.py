@@ -19,7 +19,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,6 +196,48 @@ def all_delivered(path: Path) -> bool:
                for row in state["commands"])
 
 
+@contextlib.asynccontextmanager
+async def restart_on_bus(settings: Settings, state_path: Path,
+                         reports: list[dict[str, Any]],
+                         clock: Clock) -> AsyncIterator[RestartOperation]:
+    """A restart operation in-process on a real local bus (``settings.local_mqtt``), its
+    reports into ``reports``. The bus task starts on entry, but runs only at the caller's
+    first wait: a command given before that arrives before the bus connects. On exit the
+    operation is closed and the bus stopped."""
+    def deliver(command_id: str, payload: bytes) -> None:
+        restart.on_command(command_id, payload)
+
+    bus = LocalBus(settings.local_mqtt, on_mapped=lambda _m: None,
+                   commands=[LocalCommand("restart", {}, deliver)],
+                   on_service_health=lambda _n, _s: None)
+    restart = RestartOperation(
+        settings.restart, state_path,
+        CommandChannel(lambda topic, payload: bus.publish(topic, payload, retain=True),
+                       bus.connected, Clock()), reports.append, clock)
+    running = asyncio.ensure_future(bus.run())
+    try:
+        yield restart
+    finally:
+        await restart.close()
+        await bus.stop()
+        await running
+
+
+async def until_delivered(state_path: Path) -> None:
+    while not all_delivered(state_path):
+        await asyncio.sleep(0.02)
+
+
+def outcome_after_start(device_restarted: bool) -> tuple[str, dict[str, Any]]:
+    """The final status of a restart under way at the gateway's start, and the command's
+    whole state (with the test's extra fields), as the boot id decides."""
+    status = "successful" if device_restarted else "failed"
+    expected: dict[str, Any] = {"status": status, **EXTRA}
+    if not device_restarted:
+        expected["reason"] = "The gateway restarted but the device did not (same boot id)"
+    return status, expected
+
+
 @pytest.fixture
 def rig(data_dir: Path, tmp_path: Path) -> Iterator[Rig]:
     """A local broker (plain, as on the device), a boot id and the observer."""
@@ -319,10 +361,7 @@ def test_a_power_cut_right_after_executing_is_resolved_at_the_next_start(
     if device_restarted:
         rig.new_boot()
     gateway.start()
-    status = "successful" if device_restarted else "failed"
-    expected: dict[str, Any] = {"status": status, **EXTRA}
-    if not device_restarted:
-        expected["reason"] = "The gateway restarted but the device did not (same boot id)"
+    status, expected = outcome_after_start(device_restarted)
     assert rig.wait_status("cut", status, gateway) == expected
     assert rig.statuses("cut") == ["init", "executing", status]
 
@@ -342,29 +381,12 @@ def test_a_command_delivered_before_the_bus_says_connected_still_goes_executing_
     reports: list[dict[str, Any]] = []
 
     async def scenario() -> None:
-        def deliver(command_id: str, payload: bytes) -> None:
-            restart.on_command(command_id, payload)
-
-        bus = LocalBus(settings.local_mqtt, on_mapped=lambda _m: None,
-                       commands=[LocalCommand("restart", {}, deliver)],
-                       on_service_health=lambda _n, _s: None)
-        clock = Clock()
-        restart = RestartOperation(
-            settings.restart, state_path,
-            CommandChannel(lambda topic, payload: bus.publish(topic, payload, retain=True),
-                           bus.connected, clock), reports.append, clock)
-        restart.on_command("early", b'{"status": "init", "n": 1}')
-        running = asyncio.ensure_future(bus.run())
-        try:
+        async with restart_on_bus(settings, state_path, reports, Clock()) as restart:
+            restart.on_command("early", b'{"status": "init", "n": 1}')
             async with asyncio.timeout(WAIT):
                 while not any(r["restart_status"] == "failed" for r in reports):
                     await asyncio.sleep(0.02)
-                while not all_delivered(state_path):
-                    await asyncio.sleep(0.02)
-        finally:
-            await restart.close()
-            await bus.stop()
-            await running
+                await until_delivered(state_path)
 
     asyncio.run(scenario())
     assert json.loads((rig.seen / "retained.json").read_text()) == {
@@ -667,10 +689,7 @@ def test_a_device_upgraded_in_the_middle_of_a_restart_resolves_it(
         rig.new_boot()
     gateway = make_gateway(config=rig.config(rig.reboot_command("reboot")))
     gateway.start()
-    status = "successful" if device_restarted else "failed"
-    expected: dict[str, Any] = {"status": status, **EXTRA}
-    if not device_restarted:
-        expected["reason"] = "The gateway restarted but the device did not (same boot id)"
+    status, expected = outcome_after_start(device_restarted)
     assert rig.wait_status("old-1", status, gateway) == expected
     assert rig.wait_status("old-0", "failed", gateway) == {
         "status": "failed", "reason": "it broke", "n": 1}
@@ -720,21 +739,10 @@ def test_the_restart_timeout_runs_on_the_operations_clock(
     sleeps_before_timeout = 2 if command == ["true"] else 1
 
     async def scenario() -> None:
-        def deliver(command_id: str, payload: bytes) -> None:
-            restart.on_command(command_id, payload)
-
-        bus = LocalBus(settings.local_mqtt, on_mapped=lambda _m: None,
-                       commands=[LocalCommand("restart", {}, deliver)],
-                       on_service_health=lambda _n, _s: None)
-        restart = RestartOperation(
-            settings.restart, state_path,
-            CommandChannel(lambda topic, payload: bus.publish(topic, payload, retain=True),
-                           bus.connected, Clock()), reports.append, clock)
-        running = asyncio.ensure_future(bus.run())
-        try:
+        async with restart_on_bus(settings, state_path, reports, clock) as restart:
             async with asyncio.timeout(WAIT):
                 await restart.run()
-                await bus.connected.wait()
+                await restart.channel.connected.wait()
                 restart.on_command("slow", b'{"status": "init", "n": 2}')
                 while len(clock.sleeps) < sleeps_before_timeout:
                     await asyncio.sleep(0.01)
@@ -743,12 +751,7 @@ def test_the_restart_timeout_runs_on_the_operations_clock(
                 assert [r["restart_status"] for r in reports] == ["executing"]
                 assert restart.in_progress() == "slow"
                 await clock.advance(0.1)
-                while not all_delivered(state_path):
-                    await asyncio.sleep(0.02)
-        finally:
-            await restart.close()
-            await bus.stop()
-            await running
+                await until_delivered(state_path)
 
     asyncio.run(scenario())
     assert rig.wait_status("slow", "failed", None) == {"status": "failed", "n": 2,

@@ -116,6 +116,13 @@ def final(bus: BusClient, topic: str, gateway: GatewayProcess,
     return found
 
 
+def ask(bus: BusClient, topic: str, request: dict[str, Any],
+        gateway: GatewayProcess) -> dict[str, Any]:
+    """Publish ``request`` (retained, as a requester does) and return its outcome."""
+    bus.publish(topic, request, retain=True)
+    return final(bus, topic, gateway)
+
+
 def statuses(bus: BusClient, topic: str) -> list[str]:
     return [d["status"] for d in bus.documents(topic) if isinstance(d, dict)]
 
@@ -154,8 +161,7 @@ def test_install_list_and_remove_over_the_local_bus(
         files.files["ctl-2.0.tar.gz"] = package("healthy")
         request = update_request(module("2.0", loopback_url(files, "ctl-2.0.tar.gz")),
                                  requester="test", tedgeUrl="x", note={"keep": [1, 2]})
-        bus.publish(f"{UPDATE}/install-1", request, retain=True)
-        outcome = final(bus, f"{UPDATE}/install-1", gateway)
+        outcome = ask(bus, f"{UPDATE}/install-1", request, gateway)
         assert outcome == {**request, "status": "successful"}, outcome
         assert statuses(bus, f"{UPDATE}/install-1") == ["init", "executing", "successful"]
         assert running_version(data_dir) == "2.0"
@@ -172,38 +178,33 @@ def test_install_list_and_remove_over_the_local_bus(
         bus.publish(f"{UPDATE}/install-1", b"", retain=True)  # the requester clears it
 
         # The list: the running version first, then the versions on disk.
-        bus.publish(f"{LIST}/list-1", {"status": "init"}, retain=True)
-        listed = final(bus, f"{LIST}/list-1", gateway)
+        listed = ask(bus, f"{LIST}/list-1", {"status": "init"}, gateway)
         assert listed["status"] == "successful"
         assert listed["currentSoftwareList"] == [{"type": "teg-controller", "modules": [
             {"name": "ctl", "version": "2.0"}, {"name": "teg-controller", "version": "1.0"}]}]
 
         # Remove the version kept on disk; the running one cannot be removed.
-        bus.publish(f"{UPDATE}/remove-1", update_request(module("1.0", action="remove")),
-                    retain=True)
-        assert final(bus, f"{UPDATE}/remove-1", gateway)["status"] == "successful"
+        removed = ask(bus, f"{UPDATE}/remove-1",
+                      update_request(module("1.0", action="remove")), gateway)
+        assert removed["status"] == "successful", removed
         assert not (data_dir / "controller" / "versions" / "1.0").exists()
-        bus.publish(f"{UPDATE}/remove-2", update_request(module("2.0", action="remove")),
-                    retain=True)
-        refused = final(bus, f"{UPDATE}/remove-2", gateway)
+        refused = ask(bus, f"{UPDATE}/remove-2",
+                      update_request(module("2.0", action="remove")), gateway)
         assert refused["status"] == "failed" and "running" in refused["reason"], refused
         assert running_version(data_dir) == "2.0"
-        bus.publish(f"{LIST}/list-2", {"status": "init"}, retain=True)
-        assert final(bus, f"{LIST}/list-2", gateway)["currentSoftwareList"][0]["modules"] \
-            == [{"name": "ctl", "version": "2.0"}]
+        listed = ask(bus, f"{LIST}/list-2", {"status": "init"}, gateway)
+        assert listed["currentSoftwareList"][0]["modules"] == [{"name": "ctl", "version": "2.0"}]
 
         # Plain http anywhere but on loopback is refused, before any connection.
-        bus.publish(f"{UPDATE}/far", update_request(
-            module("3.0", "http://192.0.2.10/pkg/ctl-3.0.tar.gz")), retain=True)
-        far = final(bus, f"{UPDATE}/far", gateway)
+        far = ask(bus, f"{UPDATE}/far", update_request(
+            module("3.0", "http://192.0.2.10/pkg/ctl-3.0.tar.gz")), gateway)
         assert far["status"] == "failed" and "loopback" in far["reason"], far
         # A version neither on disk nor with a url, and a request of another type.
-        bus.publish(f"{UPDATE}/nourl", update_request(module("4.0")), retain=True)
-        assert "not on disk" in final(bus, f"{UPDATE}/nourl", gateway)["reason"]
-        bus.publish(f"{UPDATE}/apt", {"status": "init", "updateList": [
-            {"type": "apt", "modules": [{"name": "vim", "action": "install"}]}]},
-            retain=True)
-        assert "not managed here" in final(bus, f"{UPDATE}/apt", gateway)["reason"]
+        nourl = ask(bus, f"{UPDATE}/nourl", update_request(module("4.0")), gateway)
+        assert "not on disk" in nourl["reason"], nourl
+        apt = ask(bus, f"{UPDATE}/apt", {"status": "init", "updateList": [
+            {"type": "apt", "modules": [{"name": "vim", "action": "install"}]}]}, gateway)
+        assert "not managed here" in apt["reason"], apt
         assert running_version(data_dir) == "2.0"
         assert gateway.stop() == 0
 
@@ -221,9 +222,8 @@ def test_a_crashing_version_is_rolled_back_and_a_second_update_waits_or_is_refus
         bus.wait_for_document(f"{UPDATE}/crash", lambda d: d.get("status") == "executing",
                               "the first update executes", gateway)
         # A second local update while the first runs: refused, naming the first.
-        bus.publish(f"{UPDATE}/second", update_request(
-            module("4.0", loopback_url(files, "ctl-4.0.tar.gz"))), retain=True)
-        second = final(bus, f"{UPDATE}/second", gateway)
+        second = ask(bus, f"{UPDATE}/second", update_request(
+            module("4.0", loopback_url(files, "ctl-4.0.tar.gz"))), gateway)
         assert second["status"] == "failed", second
         assert "in progress" in second["reason"] and "crash" in second["reason"], second
         # A ThingsBoard announcement meanwhile is desired state: it waits.
@@ -241,9 +241,8 @@ def test_a_crashing_version_is_rolled_back_and_a_second_update_waits_or_is_refus
         # refused, naming it.
         thingsboard.wait_for(lambda: thingsboard.chunk_requests > 0, timeout=20,
                              message=f"5.0 applied after: {states(thingsboard)}")
-        bus.publish(f"{UPDATE}/third", update_request(module("1.0", action="remove")),
-                    retain=True)
-        third = final(bus, f"{UPDATE}/third", gateway)
+        third = ask(bus, f"{UPDATE}/third",
+                    update_request(module("1.0", action="remove")), gateway)
         assert third["status"] == "failed", third
         assert "version 5.0 (from ThingsBoard)" in third["reason"], third
         assert (data_dir / "controller" / "versions" / "1.0").is_dir()
